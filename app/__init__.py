@@ -1,0 +1,1 @@
+"""expand-reduce-service: an async REST job service running uniflow's ExpandReduceFlow."""

@@ -1,0 +1,78 @@
+"""Settings: one object, read from the environment once at startup."""
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.schemas import RequestLimits
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each is an environment variable of the same name."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///./data/jobs.db",
+        description="Where jobs are stored; sqlite:///relative/path or sqlite:////absolute/path.",
+    )
+    max_body_bytes: int = Field(16 * MiB, gt=0, description="Largest accepted request body.")
+    max_items: int = Field(100_000, gt=0, description="Most objects in one job's input_data.")
+    max_keys_per_item: int = Field(1_000, gt=0, description="Most keys in one input object.")
+    flow_concurrency: int = Field(4, gt=0, description="Jobs one process runs at the same time.")
+    flow_processes: int = Field(
+        1, ge=0, description="Worker processes for large jobs and bodies; 0 runs all in threads."
+    )
+    flow_process_threshold_bytes: int = Field(
+        128 * 1024,
+        ge=0,
+        description="Jobs and bodies at least this large are handled in a worker process.",
+    )
+    job_lease_seconds: float = Field(
+        30.0, gt=0, description="How long a claim on a running job lasts without a heartbeat."
+    )
+    job_claim_grace_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long a new job waits for its own process before any may take it.",
+    )
+    job_max_attempts: int = Field(
+        3, gt=0, description="Runs a job may start before it is failed as interrupted too often."
+    )
+    heartbeat_interval_seconds: float | None = Field(
+        None, gt=0, description="How often running jobs' leases are renewed; lease / 3 if unset."
+    )
+    sweep_interval_seconds: float | None = Field(
+        None, gt=0, description="How often stale jobs are looked for; lease / 2 if unset."
+    )
+    shutdown_timeout_seconds: float = Field(
+        15.0, ge=0, description="How long shutdown waits for running jobs before releasing them."
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite's synchronous pragma (WAL mode)."
+    )
+    sqlite_busy_timeout_ms: int = Field(
+        5_000, ge=0, description="How long a write waits for SQLite's lock."
+    )
+    result_retry_after_seconds: int = Field(
+        1, ge=1, description="Retry-After sent with a result that is not ready yet."
+    )
+    log_level: str = Field("INFO", description="Log level of the service's own logger.")
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between lease renewals of running jobs."""
+        return self.heartbeat_interval_seconds or self.job_lease_seconds / 3
+
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between looks for jobs nobody is running."""
+        return self.sweep_interval_seconds or self.job_lease_seconds / 2
+
+    @property
+    def limits(self) -> RequestLimits:
+        """The bounds a submission must stay within."""
+        return RequestLimits(max_items=self.max_items, max_keys_per_item=self.max_keys_per_item)

@@ -1,0 +1,135 @@
+"""The ASGI application: ``create_app(settings)``, and ``app`` for ``uvicorn app.main:app``."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import HTTPException
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
+
+from app import api
+from app.config import Settings
+from app.runner import JobRunner
+from app.schemas import job_request_schema
+from app.store import StoreUnavailableError, open_store
+from app.workers import CpuWorkers
+
+logger = logging.getLogger("app")
+
+TITLE = "expand-reduce-service"
+VERSION = "0.1.0"
+DESCRIPTION = (
+    "Submit a list of objects, get a job id, poll its status, fetch its result. Each object is "
+    "split in two halves by uniflow's ExpandOp and merged back pairwise by its ReduceOp."
+)
+SWAGGER_ASSETS = "/static/swagger-ui"
+
+
+def configure_logging(level: str) -> None:
+    """Give the service's logs a handler (unless one exists) and the configured level."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(level.upper())
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the store opens and the runner starts only when the app starts."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        store = open_store(settings)
+        await store.open()
+        workers = CpuWorkers(settings.flow_processes, settings.flow_process_threshold_bytes)
+        workers.start()
+        runner = JobRunner(store, workers, settings)
+        app.state.settings, app.state.store = settings, store
+        app.state.workers, app.state.runner = workers, runner
+        await runner.start()
+        logger.info("serving jobs from %s as %s", settings.database_url, runner.owner)
+        try:
+            yield
+        finally:
+            await runner.stop(settings.shutdown_timeout_seconds)
+            workers.close()
+            await store.close()
+            logger.info("stopped")
+
+    app = FastAPI(
+        title=TITLE,
+        version=VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.include_router(api.router)
+    app.mount(SWAGGER_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        # Served from the app itself: the default CDN assets leave a blank page offline.
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{TITLE} — API",
+            swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
+        )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_exception_handler(StoreUnavailableError, store_unavailable)
+    app.add_exception_handler(Exception, internal_error)
+    return app
+
+
+def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """FastAPI's schema, plus the submission body (read by hand, so FastAPI cannot see it)."""
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    submit = schema["paths"][api.SUBMIT_PATH]["post"]
+    submit["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": job_request_schema(settings.limits)}},
+    }
+    # The job_id routes answer a malformed id with 404; FastAPI documents a 422 they never send.
+    for path, operations in schema["paths"].items():
+        if "{job_id}" in path:
+            operations["get"]["responses"].pop("422", None)
+    schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+    schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+    return schema
+
+
+async def store_unavailable(request: Request, error: Exception) -> JSONResponse:
+    """Busy, locked, read-only or full database: 503, so clients retry instead of giving up."""
+    logger.warning("%s %s: %s", request.method, request.url.path, error)
+    return JSONResponse(
+        {"detail": "The job store is unavailable, retry shortly"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+async def internal_error(request: Request, error: Exception) -> JSONResponse:
+    """Log the traceback; tell the client only that it was our fault."""
+    if isinstance(error, HTTPException):  # pragma: no cover  # FastAPI handles these itself
+        raise error
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    return JSONResponse({"detail": "Internal server error"}, status_code=500)
+
+
+app = create_app()

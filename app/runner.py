@@ -1,0 +1,151 @@
+"""Running jobs: claim, run the flow off the event loop, record the outcome; sweep; heartbeat.
+
+Every execution holds a claim (see ``app.store``). A job's first run is started by the submit
+request's background task; anything that falls through — a crash, a restart, a lost lease, a
+busy database — is picked up by the periodic sweep of this or any other process.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from app.config import Settings
+from app.flow import KeyCollisionError, expand_reduce_json
+from app.store import Claim, JobStore, StoreError
+from app.workers import CpuWorkers, WorkerCrashedError
+
+logger = logging.getLogger(__name__)
+
+
+class JobRunner:
+    """Runs jobs for one process, at most ``flow_concurrency`` at a time."""
+
+    def __init__(
+        self, store: JobStore, workers: CpuWorkers, settings: Settings, owner: str | None = None
+    ) -> None:
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._store = store
+        self._workers = workers
+        self._settings = settings
+        self._slots = asyncio.Semaphore(settings.flow_concurrency)
+        self._held: dict[str, Claim] = {}
+        self._executions: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Start the sweep (which runs at once, recovering what a previous process left behind)."""
+        self._spawn(self._every(self._settings.sweep_interval, self.sweep))
+        self._spawn(self._every(self._settings.heartbeat_interval, self.heartbeat))
+
+    async def run_expand_reduce_flow(self, job_id: str) -> None:
+        """Run a just-submitted job, unless another process or the sweep already took it."""
+        async with self._slots:
+            if self._stopping:
+                return
+            try:
+                claim = await self._store.claim(job_id, self.owner)
+            except StoreError as error:
+                logger.warning("job %s: not claimed (%s); the sweep will retry", job_id, error)
+                return
+            if claim is not None:
+                self._held[job_id] = claim
+                await self._execute(claim)
+
+    async def sweep(self) -> list[Claim]:
+        """Fail stale jobs out of attempts and claim as many others as there are free slots."""
+        free = self._settings.flow_concurrency - len(self._held)
+        claims = await self._store.claim_stale(self.owner, free)
+        for claim in claims:
+            logger.info("job %s: recovered, attempt %d", claim.job_id, claim.attempt)
+            self._held[claim.job_id] = claim
+            self._spawn(self._run_claimed(claim))
+        return claims
+
+    async def heartbeat(self) -> None:
+        """Renew the leases of the jobs this process holds."""
+        claims = list(self._held.values())
+        still_held = await self._store.renew(claims)
+        for claim in claims:
+            if claim.job_id not in still_held:
+                logger.warning("job %s: lease lost; another process may run it", claim.job_id)
+
+    async def _run_claimed(self, claim: Claim) -> None:
+        async with self._slots:
+            if not self._stopping:
+                await self._execute(claim)
+
+    async def _execute(self, claim: Claim) -> None:
+        """Run one claimed attempt and record its outcome; the caller holds a slot."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._executions.add(task)
+        try:
+            output_json, error = await self._compute(claim)
+            if not await self._store.finish(claim, output_json=output_json, error=error):
+                logger.warning(
+                    "job %s: attempt %d lost its lease; its outcome was discarded",
+                    claim.job_id,
+                    claim.attempt,
+                )
+            self._held.pop(claim.job_id, None)
+        except StoreError as store_error:
+            # The lease runs out and the sweep retries the job.
+            logger.error("job %s: outcome not recorded: %s", claim.job_id, store_error)
+            self._held.pop(claim.job_id, None)
+        finally:
+            # On cancellation (shutdown) the claim stays in _held, for stop() to release.
+            self._executions.discard(task)
+
+    async def _compute(self, claim: Claim) -> tuple[str | None, str | None]:
+        """Return (output JSON, None) or (None, error message) for one attempt."""
+        input_json = await self._store.load_input(claim.job_id)
+        if input_json is None:
+            return None, "the job's input is missing"
+        try:
+            return await self._workers.run(expand_reduce_json, input_json), None
+        except KeyCollisionError as error:
+            return None, f"ExpandReduceFlow failed: {error}"
+        except WorkerCrashedError as error:
+            logger.error("job %s: %s", claim.job_id, error)
+            return None, f"internal error: {error}"
+        except Exception as error:
+            logger.exception("job %s: flow raised", claim.job_id)
+            return None, f"internal error: {type(error).__name__}: {error}"
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Start no more jobs, wait up to ``grace_seconds`` for running ones, release the rest."""
+        self._stopping = True
+        if self._executions:
+            logger.info(
+                "waiting up to %.0f s for %d running jobs", grace_seconds, len(self._executions)
+            )
+            await asyncio.wait(list(self._executions), timeout=grace_seconds)
+        for task in [*self._executions, *self._background]:
+            task.cancel()
+        await asyncio.gather(*self._executions, *self._background, return_exceptions=True)
+        if self._held:
+            logger.info("releasing %d unfinished jobs for the next process", len(self._held))
+            with contextlib.suppress(StoreError):
+                await self._store.release(self._held.values())
+            self._held.clear()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _every(self, interval: float, action: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            try:
+                await action()
+            except StoreError as error:
+                logger.warning("%s failed: %s", action.__name__, error)
+            except Exception:
+                logger.exception("%s failed", action.__name__)
+            await asyncio.sleep(interval)

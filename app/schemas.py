@@ -1,0 +1,241 @@
+"""Request validation and the request/response models of the public API.
+
+A submission can carry 100,000 objects, so it is not validated by building a pydantic model per
+item: ``parse_job_request`` parses the body once with orjson and checks it in one pass, reporting
+errors in FastAPI's ``{"detail": [{"loc", "msg", "type"}]}`` shape. ``job_request_schema`` is the
+JSON Schema of exactly what that function accepts, for the OpenAPI document.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+JSON_SCALAR_TYPES = (str, int, float, bool, type(None))
+MAX_REPORTED_ERRORS = 20
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life."""
+
+    # Accepted and stored; waiting for a worker or running now.
+    PROCESSING = "processing"
+    # Finished; the result is stored and final.
+    COMPLETED = "completed"
+    # Finished without a result; `error` says why. Final.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The bounds a submission must stay within."""
+
+    max_items: int
+    max_keys_per_item: int
+
+
+class InvalidJSONError(ValueError):
+    """The request body is not JSON at all."""
+
+
+class InvalidJobRequestError(ValueError):
+    """The body is JSON but not a valid job; ``errors`` are FastAPI-shaped entries."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+def parse_job_request(body: bytes, limits: RequestLimits) -> str:
+    """Validate a submission body; return its ``input_data`` as compact JSON text.
+
+    Raises InvalidJSONError for a body that does not parse and InvalidJobRequestError, naming
+    every offending place (up to a bound), for one that parses but is not a valid job.
+    """
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidJSONError(f"Request body is not valid JSON: {error}") from None
+    input_data = _checked_input_data(document, limits)
+    return orjson.dumps(input_data).decode()
+
+
+def _error(loc: tuple[str | int, ...], msg: str, kind: str) -> dict[str, Any]:
+    return {"type": kind, "loc": ["body", *loc], "msg": msg}
+
+
+def _checked_input_data(document: Any, limits: RequestLimits) -> list[dict[str, Any]]:
+    job = _checked_object(document, (), "job")
+    input_data = _checked_object(job, ("job",), "input_data")
+    loc = ("job", "input_data")
+    if not isinstance(input_data, list):
+        msg = f"Input should be a non-empty array of objects, not {_json_type(input_data)}"
+        raise InvalidJobRequestError([_error(loc, msg, "list_type")])
+    if not input_data:
+        raise InvalidJobRequestError(
+            [_error(loc, "Array should have at least 1 item", "too_short")]
+        )
+    if len(input_data) > limits.max_items:
+        msg = f"Array should have at most {limits.max_items} items, not {len(input_data)}"
+        raise InvalidJobRequestError([_error(loc, msg, "too_long")])
+    errors = _item_errors(input_data, limits)
+    if errors:
+        raise InvalidJobRequestError(errors)
+    return input_data
+
+
+def _checked_object(parent: Any, loc: tuple[str, ...], field: str) -> Any:
+    """Check that ``parent`` is an object holding exactly ``field``; return that field's value."""
+    if not isinstance(parent, dict):
+        msg = f"Input should be an object with a '{field}' field, not {_json_type(parent)}"
+        raise InvalidJobRequestError([_error(loc, msg, "dict_type")])
+    errors = [
+        _error((*loc, key), "Extra inputs are not permitted", "extra_forbidden")
+        for key in parent
+        if key != field
+    ]
+    if field not in parent:
+        errors.insert(0, _error((*loc, field), "Field required", "missing"))
+    if errors:
+        raise InvalidJobRequestError(errors[:MAX_REPORTED_ERRORS])
+    return parent[field]
+
+
+def _item_errors(items: list[Any], limits: RequestLimits) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        loc: tuple[str | int, ...] = ("job", "input_data", index)
+        if not isinstance(item, dict):
+            msg = f"Input should be an object, not {_json_type(item)}"
+            errors.append(_error(loc, msg, "dict_type"))
+        elif len(item) > limits.max_keys_per_item:
+            msg = f"Object should have at most {limits.max_keys_per_item} keys, not {len(item)}"
+            errors.append(_error(loc, msg, "too_long"))
+        else:
+            errors.extend(
+                _error(
+                    (*loc, key),
+                    f"Value should be a string, number, boolean or null, not {_json_type(value)}",
+                    "scalar_type",
+                )
+                for key, value in item.items()
+                if not isinstance(value, JSON_SCALAR_TYPES)
+            )
+        if len(errors) >= MAX_REPORTED_ERRORS:
+            return errors[:MAX_REPORTED_ERRORS]
+    return errors
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"
+
+
+EXAMPLE_INPUT: list[Any] = [{"1": "2", "3": "4", "5": "6", "7": "8"}, {"key1": "value1"}]
+EXAMPLE_RESULT: list[Any] = [{"1 5": "2 6", "3 7": "4 8"}, {"key1": "value1"}]
+EXAMPLE_JOB_ID = "3f1c2a9e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"
+EXAMPLE_TIME = "2026-11-28T11:37:39.123456Z"
+DATE_TIME: dict[str, Any] = {"format": "date-time"}
+
+
+def job_request_schema(limits: RequestLimits) -> dict[str, Any]:
+    """The JSON Schema of a submission, as ``parse_job_request`` enforces it."""
+    item = {
+        "type": "object",
+        "maxProperties": limits.max_keys_per_item,
+        "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+        "description": "Any object whose values are strings, numbers, booleans or null.",
+    }
+    job = {
+        "type": "object",
+        "required": ["input_data"],
+        "additionalProperties": False,
+        "properties": {
+            "input_data": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": limits.max_items,
+                "items": item,
+                "description": "The objects to transform; the result has one per object, in order.",
+            }
+        },
+    }
+    return {
+        "title": "JobRequest",
+        "type": "object",
+        "required": ["job"],
+        "additionalProperties": False,
+        "properties": {"job": job},
+        "example": {"job": {"input_data": EXAMPLE_INPUT}},
+    }
+
+
+class SubmitResponse(BaseModel):
+    """The answer to an accepted submission."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"job_id": EXAMPLE_JOB_ID}})
+
+    job_id: str = Field(description="The job's id (a UUID 4); poll /check_status/{job_id}.")
+
+
+class StatusResponse(BaseModel):
+    """Where a job is."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "job_id": EXAMPLE_JOB_ID,
+                "status": "processing",
+                "created_at": EXAMPLE_TIME,
+                "updated_at": EXAMPLE_TIME,
+            }
+        }
+    )
+
+    job_id: str
+    status: JobStatus
+    created_at: str = Field(
+        description="When the job was accepted (ISO 8601, UTC).", json_schema_extra=DATE_TIME
+    )
+    updated_at: str = Field(
+        description="When the job last changed (ISO 8601, UTC).", json_schema_extra=DATE_TIME
+    )
+
+
+class ResultResponse(BaseModel):
+    """A job's outcome: its result once completed, its error once failed."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "job_id": EXAMPLE_JOB_ID,
+                "status": "completed",
+                "result": EXAMPLE_RESULT,
+                "error": None,
+            }
+        }
+    )
+
+    job_id: str
+    status: JobStatus
+    result: list[dict[str, str | int | float | bool | None]] | None = Field(
+        description="One object per input object, in input order; null unless completed."
+    )
+    error: str | None = Field(description="What went wrong; null unless failed.")
+
+
+class ErrorResponse(BaseModel):
+    """The error shape for every 4xx and 5xx except validation."""
+
+    detail: str

@@ -1,0 +1,76 @@
+"""Where CPU-bound work runs: never on the event loop.
+
+Small inputs go to a thread (cheap to hand over; they hold the GIL only briefly). Large ones go
+to a worker process, so parsing or transforming megabytes cannot starve the event loop of the
+GIL and ``GET /check_status`` stays fast. Inputs cross as one string, not as many objects.
+"""
+
+import asyncio
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+from app.flow import expand_reduce_json
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Payload = TypeVar("Payload", str, bytes)
+
+
+class WorkerCrashedError(RuntimeError):
+    """The worker process died while running a task (killed, or out of memory)."""
+
+
+class CpuWorkers:
+    """Runs a function of one string or bytes argument in a thread or a worker process."""
+
+    def __init__(self, processes: int, threshold_bytes: int) -> None:
+        self._processes = processes
+        self._threshold = threshold_bytes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the worker processes now, so the first large job does not pay for it."""
+        if self._processes > 0:
+            warm_up = self._process_pool().submit(expand_reduce_json, "[]")
+            warm_up.add_done_callback(_log_failed_warm_up)
+
+    async def run(self, function: Callable[[Payload], T], payload: Payload) -> T:
+        """Run ``function(payload)`` off the event loop, in a process if the payload is large."""
+        if self._processes == 0 or len(payload) < self._threshold:
+            return await asyncio.to_thread(function, payload)
+        pool = self._process_pool()
+        try:
+            return await asyncio.wrap_future(pool.submit(function, payload))
+        except BrokenProcessPool as error:
+            self._discard(pool)
+            raise WorkerCrashedError("the worker process died while running this task") from error
+
+    def _process_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: forking a process that runs an event loop and database threads
+            # can copy locks held by those threads into the child.
+            self._pool = ProcessPoolExecutor(
+                self._processes, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._pool
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        if self._pool is pool:
+            self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the worker processes; work still queued is dropped (its leases expire)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _log_failed_warm_up(future: "Future[str]") -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("worker process failed to start: %r", future.exception())
