@@ -126,9 +126,11 @@ class SQLiteJobStore:
             await self._migrate(self._writer)
             self._reader = await self._connect()
             await self._reader.execute("PRAGMA query_only = ON")
-        except sqlite3.Error as error:
+        except BaseException as error:
             await self.close()
-            raise _translate(error, self.path) from error
+            if isinstance(error, sqlite3.Error):
+                raise _translate(error, self.path) from error
+            raise
 
     async def _connect(self) -> aiosqlite.Connection:
         # isolation_level IMMEDIATE: the module opens every write transaction with BEGIN

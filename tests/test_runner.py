@@ -1,0 +1,173 @@
+"""The runner: runs claimed jobs off the loop, records outcomes, recovers, shuts down cleanly."""
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from app.config import Settings
+from app.runner import JobRunner
+from app.schemas import JobStatus
+from app.store import JobStore, open_store
+from app.workers import CpuWorkers
+from tests.test_store import FakeClock
+
+A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
+B = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def store(settings: Settings, clock: FakeClock) -> AsyncIterator[JobStore]:
+    job_store = open_store(settings, clock=clock)
+    await job_store.open()
+    yield job_store
+    await job_store.close()
+
+
+def make_runner(store: JobStore, settings: Settings, owner: str = "me") -> JobRunner:
+    return JobRunner(store, CpuWorkers(processes=0, threshold_bytes=0), settings, owner=owner)
+
+
+async def outcome(store: JobStore, job_id: str) -> tuple[JobStatus, Any, str | None]:
+    job = await store.get_job(job_id, with_output=True)
+    assert job is not None
+    result = orjson.loads(job.output_data) if job.output_data else None
+    return job.status, result, job.error
+
+
+async def test_runs_a_submitted_job_to_completion(store: JobStore, settings: Settings) -> None:
+    await store.create_job(A, '[{"a":"x","b":"y","c":"z"}]')
+    await make_runner(store, settings).run_expand_reduce_flow(A)
+    assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a b": "x y", "c": "z"}], None)
+
+
+async def test_a_key_collision_fails_the_job_with_the_key_named(
+    store: JobStore, settings: Settings
+) -> None:
+    await store.create_job(A, '[{"a":"1","x":"2","a x":"3"}]')
+    await make_runner(store, settings).run_expand_reduce_flow(A)
+    status, result, error = await outcome(store, A)
+    assert (status, result) == (JobStatus.FAILED, None)
+    assert error is not None
+    assert "'a x'" in error
+
+
+async def test_an_exception_in_one_job_is_recorded_and_logged_and_others_still_run(
+    store: JobStore,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = make_runner(store, settings)
+    real_run = runner._workers.run
+
+    async def explode_on_b(function: Any, payload: str) -> Any:
+        if "boom" in payload:
+            raise RuntimeError("boom happened")
+        return await real_run(function, payload)
+
+    monkeypatch.setattr(runner._workers, "run", explode_on_b)
+    await store.create_job(A, '[{"a":"1"}]')
+    await store.create_job(B, '[{"boom":"1"}]')
+    await asyncio.gather(runner.run_expand_reduce_flow(B), runner.run_expand_reduce_flow(A))
+    assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a": "1"}], None)
+    status, _, error = await outcome(store, B)
+    assert status is JobStatus.FAILED
+    assert error == "internal error: RuntimeError: boom happened"
+    assert B in caplog.text
+    assert "Traceback" in caplog.text
+
+
+async def test_a_job_already_taken_elsewhere_is_not_run_twice(
+    store: JobStore, settings: Settings
+) -> None:
+    await store.create_job(A, '[{"a":"1"}]')
+    assert await store.claim(A, "someone-else") is not None
+    await make_runner(store, settings).run_expand_reduce_flow(A)
+    assert (await outcome(store, A))[0] is JobStatus.PROCESSING
+
+
+async def test_sweep_at_start_finishes_a_job_left_behind_by_a_dead_process(
+    store: JobStore, settings: Settings, clock: FakeClock
+) -> None:
+    await store.create_job(A, '[{"a":"1","b":"2"}]')
+    assert await store.claim(A, "dead-process") is not None
+    clock.advance(settings.job_lease_seconds + 1)
+    runner = make_runner(store, settings)
+    await runner.start()
+    try:
+        for _ in range(200):
+            if (await outcome(store, A))[0] is JobStatus.COMPLETED:
+                break
+            await asyncio.sleep(0.01)
+        assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a b": "1 2"}], None)
+    finally:
+        await runner.stop(grace_seconds=1)
+
+
+async def test_sweep_takes_no_more_jobs_than_free_slots(
+    store: JobStore, db_path: Path, clock: FakeClock
+) -> None:
+    settings = Settings(database_url=f"sqlite:///{db_path}", flow_processes=0, flow_concurrency=1)
+    await store.create_job(A, '[{"a":"1"}]')
+    await store.create_job(B, '[{"b":"1"}]')
+    clock.advance(settings.job_claim_grace_seconds + 1)
+    runner = make_runner(store, settings)
+    assert len(await runner.sweep()) == 1
+    await runner.stop(grace_seconds=5)
+
+
+async def test_stop_waits_for_running_jobs_within_its_grace(
+    store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = make_runner(store, settings)
+    real_run = runner._workers.run
+
+    async def slow(function: Any, payload: str) -> Any:
+        await asyncio.sleep(0.2)
+        return await real_run(function, payload)
+
+    monkeypatch.setattr(runner._workers, "run", slow)
+    await store.create_job(A, '[{"a":"1"}]')
+    job = asyncio.create_task(runner.run_expand_reduce_flow(A))
+    await asyncio.sleep(0.05)
+    await runner.stop(grace_seconds=5)
+    await job
+    assert (await outcome(store, A))[0] is JobStatus.COMPLETED
+
+
+async def test_stop_releases_what_did_not_finish_for_the_next_process(
+    store: JobStore, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release_flow = threading.Event()
+
+    def stuck_flow(payload: str) -> str:
+        release_flow.wait(10)
+        return "[]"
+
+    runner = JobRunner(store, CpuWorkers(processes=0, threshold_bytes=0), settings, owner="me")
+
+    async def run_stuck(function: Any, payload: str) -> str:
+        return await asyncio.to_thread(stuck_flow, payload)
+
+    monkeypatch.setattr(runner._workers, "run", run_stuck)
+    await store.create_job(A, '[{"a":"1"}]')
+    job = asyncio.create_task(runner.run_expand_reduce_flow(A))
+    await asyncio.sleep(0.05)
+    await runner.stop(grace_seconds=0.1)
+    release_flow.set()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert (await outcome(store, A))[0] is JobStatus.PROCESSING
+    clock.advance(0.001)
+    [claim] = await store.claim_stale("next-process", 10)
+    assert claim.job_id == A
