@@ -20,6 +20,7 @@ from app.schemas import (
     ResultResponse,
     StatusResponse,
     SubmitResponse,
+    ValidationErrorResponse,
     parse_job_request,
 )
 from app.store import JobRecord, JobStore
@@ -73,9 +74,11 @@ def _error_doc(description: str, detail: Any) -> dict[str, Any]:
 
 NOT_FOUND_DOC = _error_doc("No job has this id", f"Job {EXAMPLE_JOB_ID} not found")
 UNAVAILABLE_DOC = _error_doc(
-    "The database cannot take the request now; retry after Retry-After seconds",
-    "The job store is unavailable, retry shortly",
+    "The database cannot take the request now, or the service is shutting down; "
+    "retry after Retry-After seconds",
+    "The job store is unavailable (the database is busy); retry shortly",
 )
+UNAVAILABLE_DOC["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying"}}
 SUBMIT_ERROR_DOCS: dict[int | str, dict[str, Any]] = {
     400: _error_doc(
         "The body is not JSON",
@@ -87,6 +90,7 @@ SUBMIT_ERROR_DOCS: dict[int | str, dict[str, Any]] = {
     415: _error_doc("The body is not sent as JSON", "Content-Type must be application/json"),
     422: {
         "description": "The body is JSON but not a valid job; each error names its place",
+        "model": ValidationErrorResponse,
         "content": {
             "application/json": {
                 "example": {
@@ -136,6 +140,7 @@ async def submit_job(
     workers: WorkersDep,
 ) -> Response:
     """Store a job and start ExpandReduceFlow on it; answer only once the job is committed."""
+    _require_accepting(runner)
     _require_json_content_type(request)
     body = await _read_body(request, settings.max_body_bytes)
     try:
@@ -147,6 +152,7 @@ async def submit_job(
         raise HTTPException(400, str(error)) from None
     except InvalidJobRequestError as error:
         return JSONResponse({"detail": error.errors}, status_code=422)
+    _require_accepting(runner)  # shutdown may have begun while the body was read
     job_id = str(uuid.uuid4())
     await store.create_job(job_id, input_json)
     background_tasks.add_task(runner.run_expand_reduce_flow, job_id)
@@ -250,10 +256,18 @@ async def healthz() -> dict[str, str]:
     summary="Readiness",
     responses={200: {"description": "Ready for traffic"}, 503: UNAVAILABLE_DOC},
 )
-async def readyz(store: StoreDep) -> dict[str, str]:
-    """Answer 200 only while the database answers."""
+async def readyz(store: StoreDep, runner: RunnerDep) -> dict[str, str]:
+    """Answer 200 only while the database answers and the process is not shutting down."""
+    _require_accepting(runner)
     await store.ping()
     return {"status": "ready"}
+
+
+def _require_accepting(runner: JobRunner) -> None:
+    if not runner.accepting:
+        raise HTTPException(
+            503, "The service is shutting down; retry shortly", headers={"Retry-After": "1"}
+        )
 
 
 def _require_json_content_type(request: Request) -> None:

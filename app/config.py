@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * MiB, gt=0, description="Largest accepted request body.")
     max_items: int = Field(100_000, gt=0, description="Most objects in one job's input_data.")
     max_keys_per_item: int = Field(1_000, gt=0, description="Most keys in one input object.")
+    max_key_length: int = Field(1_024, gt=0, description="Longest key, in characters.")
+    max_value_length: int = Field(
+        1_048_576, gt=0, description="Longest string value, in characters."
+    )
     flow_concurrency: int = Field(4, gt=0, description="Jobs one process runs at the same time.")
     flow_processes: int = Field(
         1, ge=0, description="Worker processes for large jobs and bodies; 0 runs all in threads."
@@ -75,4 +79,9 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> RequestLimits:
         """The bounds a submission must stay within."""
-        return RequestLimits(max_items=self.max_items, max_keys_per_item=self.max_keys_per_item)
+        return RequestLimits(
+            max_items=self.max_items,
+            max_keys_per_item=self.max_keys_per_item,
+            max_key_length=self.max_key_length,
+            max_value_length=self.max_value_length,
+        )

@@ -1,8 +1,12 @@
 """The ASGI application: ``create_app(settings)``, and ``app`` for ``uvicorn app.main:app``."""
 
 import logging
-from collections.abc import AsyncIterator
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +21,7 @@ from app import api
 from app.config import Settings
 from app.runner import JobRunner
 from app.schemas import job_request_schema
-from app.store import StoreUnavailableError, open_store
+from app.store import StoreCorruptError, StoreUnavailableError, open_store
 from app.workers import CpuWorkers
 
 logger = logging.getLogger("app")
@@ -29,6 +33,7 @@ DESCRIPTION = (
     "split in two halves by uniflow's ExpandOp and merged back pairwise by its ReduceOp."
 )
 SWAGGER_ASSETS = "/static/swagger-ui"
+EXIT_CORRUPT_DATABASE = 78  # EX_CONFIG: the configuration (here, the database file) is wrong
 
 
 def configure_logging(level: str) -> None:
@@ -36,6 +41,36 @@ def configure_logging(level: str) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(level.upper())
+
+
+def drain_on_signals(runner: JobRunner) -> Callable[[], None]:
+    """Make SIGTERM/SIGINT start draining at once, then reach the server's own handler.
+
+    uvicorn stops accepting connections on SIGTERM but lets open ones send requests while it
+    waits for running tasks; those requests must learn that this process takes no new jobs.
+    Returns a function that puts the previous handlers back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        logger.info("received %s: taking no new jobs", signal.Signals(sig).name)
+        runner.begin_drain()
+        chained = previous[signal.Signals(sig)]
+        if callable(chained):
+            chained(sig, frame)
+
+    for sig, chained in previous.items():
+        if callable(chained):  # only where a server handles the signal; never replace SIG_DFL
+            signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, chained in previous.items():
+            if callable(chained):
+                signal.signal(sig, chained)
+
+    return restore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,18 +81,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         store = open_store(settings)
-        await store.open()
+        try:
+            await store.open()
+        except StoreCorruptError as error:
+            # Starlette would turn this into a traceback in uvicorn's log; an operator needs
+            # one line naming the file, and a process that does not come up.
+            logger.critical("refusing to start: %s", error)
+            os._exit(EXIT_CORRUPT_DATABASE)
         workers = CpuWorkers(settings.flow_processes, settings.flow_process_threshold_bytes)
         workers.start()
         runner = JobRunner(store, workers, settings)
         app.state.settings, app.state.store = settings, store
         app.state.workers, app.state.runner = workers, runner
         await runner.start()
+        restore_signals = drain_on_signals(runner)
         logger.info("serving jobs from %s as %s", settings.database_url, runner.owner)
         try:
             yield
         finally:
-            await runner.stop(settings.shutdown_timeout_seconds)
+            restore_signals()
+            await runner.stop()
             workers.close()
             await store.close()
             logger.info("stopped")
@@ -117,8 +160,9 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
 async def store_unavailable(request: Request, error: Exception) -> JSONResponse:
     """Busy, locked, read-only or full database: 503, so clients retry instead of giving up."""
     logger.warning("%s %s: %s", request.method, request.url.path, error)
+    reason = getattr(error, "reason", "the database is not answering")
     return JSONResponse(
-        {"detail": "The job store is unavailable, retry shortly"},
+        {"detail": f"The job store is unavailable ({reason}); retry shortly"},
         status_code=503,
         headers={"Retry-After": "1"},
     )

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -37,14 +38,31 @@ class JobRunner:
         self._executions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._drain_deadline: float | None = None
 
     async def start(self) -> None:
         """Start the sweep (which runs at once, recovering what a previous process left behind)."""
         self._spawn(self._every(self._settings.sweep_interval, self.sweep))
         self._spawn(self._every(self._settings.heartbeat_interval, self.heartbeat))
 
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown has begun: new jobs should go to another process."""
+        return not self._stopping
+
+    def begin_drain(self) -> None:
+        """Stop starting jobs; running ones get until the shutdown deadline to finish.
+
+        Safe to call from a signal handler: it only sets attributes.
+        """
+        if self._drain_deadline is None:
+            self._stopping = True
+            self._drain_deadline = time.monotonic() + self._settings.shutdown_timeout_seconds
+
     async def run_expand_reduce_flow(self, job_id: str) -> None:
         """Run a just-submitted job, unless another process or the sweep already took it."""
+        if self._stopping:
+            return  # unclaimed: the next process's sweep runs it
         async with self._slots:
             if self._stopping:
                 return
@@ -118,12 +136,14 @@ class JobRunner:
             logger.exception("job %s: flow raised", claim.job_id)
             return None, f"internal error: {type(error).__name__}: {error}"
 
-    async def stop(self, grace_seconds: float) -> None:
-        """Start no more jobs, wait up to ``grace_seconds`` for running ones, release the rest."""
-        self._stopping = True
+    async def stop(self) -> None:
+        """Drain: wait for running jobs until the shutdown deadline, then release the rest."""
+        self.begin_drain()
+        assert self._drain_deadline is not None
+        grace_seconds = max(0.0, self._drain_deadline - time.monotonic())
         if self._executions:
             logger.info(
-                "waiting up to %.0f s for %d running jobs", grace_seconds, len(self._executions)
+                "waiting up to %.1f s for %d running jobs", grace_seconds, len(self._executions)
             )
             await asyncio.wait(list(self._executions), timeout=grace_seconds)
         for task in [*self._executions, *self._background]:

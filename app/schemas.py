@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 JSON_SCALAR_TYPES = (str, int, float, bool, type(None))
+NO_NUL = "^[^\\u0000]*$"
 MAX_REPORTED_ERRORS = 20
 
 
@@ -34,6 +35,8 @@ class RequestLimits:
 
     max_items: int
     max_keys_per_item: int
+    max_key_length: int
+    max_value_length: int
 
 
 class InvalidJSONError(ValueError):
@@ -58,7 +61,9 @@ def parse_job_request(body: bytes, limits: RequestLimits) -> str:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise InvalidJSONError(f"Request body is not valid JSON: {error}") from None
-    input_data = _checked_input_data(document, limits)
+    # NUL can only reach a parsed string through the escape \u0000, so most bodies skip the
+    # per-string search. (NUL is refused because it breaks C strings and PostgreSQL text.)
+    input_data = _checked_input_data(document, limits, check_nul=b"\\u0000" in body)
     return orjson.dumps(input_data).decode()
 
 
@@ -66,7 +71,9 @@ def _error(loc: tuple[str | int, ...], msg: str, kind: str) -> dict[str, Any]:
     return {"type": kind, "loc": ["body", *loc], "msg": msg}
 
 
-def _checked_input_data(document: Any, limits: RequestLimits) -> list[dict[str, Any]]:
+def _checked_input_data(
+    document: Any, limits: RequestLimits, check_nul: bool
+) -> list[dict[str, Any]]:
     job = _checked_object(document, (), "job")
     input_data = _checked_object(job, ("job",), "input_data")
     loc = ("job", "input_data")
@@ -80,7 +87,7 @@ def _checked_input_data(document: Any, limits: RequestLimits) -> list[dict[str, 
     if len(input_data) > limits.max_items:
         msg = f"Array should have at most {limits.max_items} items, not {len(input_data)}"
         raise InvalidJobRequestError([_error(loc, msg, "too_long")])
-    errors = _item_errors(input_data, limits)
+    errors = _item_errors(input_data, limits, check_nul)
     if errors:
         raise InvalidJobRequestError(errors)
     return input_data
@@ -103,7 +110,7 @@ def _checked_object(parent: Any, loc: tuple[str, ...], field: str) -> Any:
     return parent[field]
 
 
-def _item_errors(items: list[Any], limits: RequestLimits) -> list[dict[str, Any]]:
+def _item_errors(items: list[Any], limits: RequestLimits, check_nul: bool) -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         loc: tuple[str | int, ...] = ("job", "input_data", index)
@@ -113,18 +120,49 @@ def _item_errors(items: list[Any], limits: RequestLimits) -> list[dict[str, Any]
         elif len(item) > limits.max_keys_per_item:
             msg = f"Object should have at most {limits.max_keys_per_item} keys, not {len(item)}"
             errors.append(_error(loc, msg, "too_long"))
-        else:
-            errors.extend(
-                _error(
-                    (*loc, key),
-                    f"Value should be a string, number, boolean or null, not {_json_type(value)}",
-                    "scalar_type",
-                )
-                for key, value in item.items()
-                if not isinstance(value, JSON_SCALAR_TYPES)
-            )
+        elif not _is_valid_object(item, limits, check_nul):
+            errors.extend(_object_errors(item, loc, limits, check_nul))
         if len(errors) >= MAX_REPORTED_ERRORS:
             return errors[:MAX_REPORTED_ERRORS]
+    return errors
+
+
+def _is_valid_object(item: dict[str, Any], limits: RequestLimits, check_nul: bool) -> bool:
+    """The fast path, run on every object: no error messages built."""
+    for key, value in item.items():
+        if len(key) > limits.max_key_length:
+            return False
+        if isinstance(value, str):
+            if len(value) > limits.max_value_length:
+                return False
+        elif not isinstance(value, JSON_SCALAR_TYPES):
+            return False
+        if check_nul and ("\x00" in key or (isinstance(value, str) and "\x00" in value)):
+            return False
+    return True
+
+
+def _object_errors(
+    item: dict[str, Any], loc: tuple[str | int, ...], limits: RequestLimits, check_nul: bool
+) -> list[dict[str, Any]]:
+    """The slow path, for an object known to be invalid: say what is wrong with each key."""
+    errors = []
+    for key, value in item.items():
+        key_loc = (*loc, key[:100])
+        if len(key) > limits.max_key_length:
+            msg = f"Key should have at most {limits.max_key_length} characters, not {len(key)}"
+            errors.append(_error(key_loc, msg, "key_too_long"))
+        if not isinstance(value, JSON_SCALAR_TYPES):
+            msg = f"Value should be a string, number, boolean or null, not {_json_type(value)}"
+            errors.append(_error(key_loc, msg, "scalar_type"))
+        elif isinstance(value, str) and len(value) > limits.max_value_length:
+            msg = (
+                f"String should have at most {limits.max_value_length} characters, not {len(value)}"
+            )
+            errors.append(_error(key_loc, msg, "string_too_long"))
+        if check_nul and ("\x00" in key or (isinstance(value, str) and "\x00" in value)):
+            msg = "Keys and values must not contain NUL characters (\\u0000)"
+            errors.append(_error(key_loc, msg, "nul_character"))
     return errors
 
 
@@ -154,8 +192,15 @@ def job_request_schema(limits: RequestLimits) -> dict[str, Any]:
     item = {
         "type": "object",
         "maxProperties": limits.max_keys_per_item,
-        "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
-        "description": "Any object whose values are strings, numbers, booleans or null.",
+        "propertyNames": {"maxLength": limits.max_key_length, "pattern": NO_NUL},
+        "additionalProperties": {
+            "anyOf": [
+                {"type": "string", "maxLength": limits.max_value_length, "pattern": NO_NUL},
+                {"type": ["number", "boolean", "null"]},
+            ]
+        },
+        "description": "Any object whose values are strings, numbers, booleans or null; "
+        "keys and values must not contain NUL (\\u0000).",
     }
     job = {
         "type": "object",
@@ -239,3 +284,17 @@ class ErrorResponse(BaseModel):
     """The error shape for every 4xx and 5xx except validation."""
 
     detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    """One problem with a submission, and where it is."""
+
+    type: str
+    loc: list[str | int] = Field(description='Path to the problem, e.g. ["body", "job"].')
+    msg: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """A 422: everything wrong with a submission (up to 20 places)."""
+
+    detail: list[ValidationErrorItem]

@@ -111,7 +111,7 @@ async def test_sweep_at_start_finishes_a_job_left_behind_by_a_dead_process(
             await asyncio.sleep(0.01)
         assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a b": "1 2"}], None)
     finally:
-        await runner.stop(grace_seconds=1)
+        await runner.stop()
 
 
 async def test_sweep_takes_no_more_jobs_than_free_slots(
@@ -123,7 +123,7 @@ async def test_sweep_takes_no_more_jobs_than_free_slots(
     clock.advance(settings.job_claim_grace_seconds + 1)
     runner = make_runner(store, settings)
     assert len(await runner.sweep()) == 1
-    await runner.stop(grace_seconds=5)
+    await runner.stop()
 
 
 async def test_stop_waits_for_running_jobs_within_its_grace(
@@ -140,7 +140,7 @@ async def test_stop_waits_for_running_jobs_within_its_grace(
     await store.create_job(A, '[{"a":"1"}]')
     job = asyncio.create_task(runner.run_expand_reduce_flow(A))
     await asyncio.sleep(0.05)
-    await runner.stop(grace_seconds=5)
+    await runner.stop()
     await job
     assert (await outcome(store, A))[0] is JobStatus.COMPLETED
 
@@ -154,7 +154,8 @@ async def test_stop_releases_what_did_not_finish_for_the_next_process(
         release_flow.wait(10)
         return "[]"
 
-    runner = JobRunner(store, CpuWorkers(processes=0, threshold_bytes=0), settings, owner="me")
+    settings = settings.model_copy(update={"shutdown_timeout_seconds": 0.1})
+    runner = make_runner(store, settings)
 
     async def run_stuck(function: Any, payload: str) -> str:
         return await asyncio.to_thread(stuck_flow, payload)
@@ -163,7 +164,7 @@ async def test_stop_releases_what_did_not_finish_for_the_next_process(
     await store.create_job(A, '[{"a":"1"}]')
     job = asyncio.create_task(runner.run_expand_reduce_flow(A))
     await asyncio.sleep(0.05)
-    await runner.stop(grace_seconds=0.1)
+    await runner.stop()
     release_flow.set()
     with pytest.raises(asyncio.CancelledError):
         await job

@@ -29,6 +29,10 @@ class StoreError(Exception):
 class StoreUnavailableError(StoreError):
     """The store cannot take this request now (locked, read-only, full); retrying may help."""
 
+    def __init__(self, message: str, reason: str = "the database is not answering") -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 class StoreCorruptError(StoreError):
     """The database file is not a usable database; the service must not start on it."""

@@ -88,8 +88,21 @@ def _translate(error: sqlite3.Error, path: Path) -> StoreError:
     ):
         return StoreCorruptError(f"{path} is not a usable SQLite database: {message}")
     if isinstance(error, sqlite3.OperationalError):
-        return StoreUnavailableError(f"SQLite database {path} is unavailable: {message}")
+        return StoreUnavailableError(
+            f"SQLite database {path} is unavailable: {message}", _reason(message)
+        )
     return StoreError(f"SQLite error on {path}: {message}")
+
+
+def _reason(message: str) -> str:
+    """Say in a client's words why SQLite refused."""
+    if "locked" in message or "busy" in message:
+        return "the database is busy"
+    if "readonly" in message or "read-only" in message:
+        return "the database is read-only"
+    if "full" in message:
+        return "the database disk is full"
+    return "the database is not answering"
 
 
 class SQLiteJobStore:
@@ -171,7 +184,7 @@ class SQLiteJobStore:
     async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction at a time; commit on success, roll back on error."""
         if self._writer is None:
-            raise StoreUnavailableError("the store is closed")
+            raise StoreUnavailableError("the store is closed", "the service is stopping")
         async with self._write_lock:
             try:
                 yield self._writer
@@ -192,7 +205,7 @@ class SQLiteJobStore:
 
     async def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         if self._reader is None:
-            raise StoreUnavailableError("the store is closed")
+            raise StoreUnavailableError("the store is closed", "the service is stopping")
         try:
             return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.Error as error:
