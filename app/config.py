@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.schemas import RequestLimits
@@ -65,6 +65,15 @@ class Settings(BaseSettings):
         1, ge=1, description="Retry-After sent with a result that is not ready yet."
     )
     log_level: str = Field("INFO", description="Log level of the service's own logger.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database_url(cls, url: str) -> str:
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            raise ValueError(
+                f"Unsupported DATABASE_URL {url!r}: expected sqlite:///path/to/jobs.db"
+            )
+        return url
 
     @property
     def heartbeat_interval(self) -> float:

@@ -39,10 +39,14 @@ class JobRunner:
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._drain_deadline: float | None = None
+        # Set when a slot frees up after a sweep that filled every free slot: there are
+        # probably more stale jobs, and they should not wait a whole sweep interval.
+        self._sweep_again = asyncio.Event()
+        self._backlog = False
 
     async def start(self) -> None:
         """Start the sweep (which runs at once, recovering what a previous process left behind)."""
-        self._spawn(self._every(self._settings.sweep_interval, self.sweep))
+        self._spawn(self._every(self._settings.sweep_interval, self.sweep, self._sweep_again))
         self._spawn(self._every(self._settings.heartbeat_interval, self.heartbeat))
 
     @property
@@ -79,6 +83,7 @@ class JobRunner:
         """Fail stale jobs out of attempts and claim as many others as there are free slots."""
         free = self._settings.flow_concurrency - len(self._held)
         claims = await self._store.claim_stale(self.owner, free)
+        self._backlog = free > 0 and len(claims) == free
         for claim in claims:
             logger.info("job %s: recovered, attempt %d", claim.job_id, claim.attempt)
             self._held[claim.job_id] = claim
@@ -90,7 +95,8 @@ class JobRunner:
         claims = list(self._held.values())
         still_held = await self._store.renew(claims)
         for claim in claims:
-            if claim.job_id not in still_held:
+            # A job that finished while the renewal waited for the database is not lost.
+            if claim.job_id not in still_held and self._held.get(claim.job_id) == claim:
                 logger.warning("job %s: lease lost; another process may run it", claim.job_id)
 
     async def _run_claimed(self, claim: Claim) -> None:
@@ -119,6 +125,8 @@ class JobRunner:
         finally:
             # On cancellation (shutdown) the claim stays in _held, for stop() to release.
             self._executions.discard(task)
+            if self._backlog:
+                self._sweep_again.set()
 
     async def _compute(self, claim: Claim) -> tuple[str | None, str | None]:
         """Return (output JSON, None) or (None, error message) for one attempt."""
@@ -160,12 +168,21 @@ class JobRunner:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _every(self, interval: float, action: Callable[[], Awaitable[object]]) -> None:
+    async def _every(
+        self,
+        interval: float,
+        action: Callable[[], Awaitable[object]],
+        early: asyncio.Event | None = None,
+    ) -> None:
+        """Run ``action`` every ``interval`` seconds, or as soon as ``early`` is set."""
+        early = early or asyncio.Event()
         while True:
+            early.clear()
             try:
                 await action()
             except StoreError as error:
                 logger.warning("%s failed: %s", action.__name__, error)
             except Exception:
                 logger.exception("%s failed", action.__name__)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(early.wait(), interval)

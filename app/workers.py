@@ -8,6 +8,9 @@ GIL and ``GET /check_status`` stays fast. Inputs cross as one string, not as man
 import asyncio
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -55,7 +58,10 @@ class CpuWorkers:
             # spawn, not fork: forking a process that runs an event loop and database threads
             # can copy locks held by those threads into the child.
             self._pool = ProcessPoolExecutor(
-                self._processes, mp_context=multiprocessing.get_context("spawn")
+                self._processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
             )
         return self._pool
 
@@ -69,6 +75,21 @@ class CpuWorkers:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:
+    """In a worker: exit as soon as the server process is gone.
+
+    A worker blocked on its task queue does not notice a parent killed with SIGKILL, and
+    would otherwise live on, holding memory, after every crash of the server.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _log_failed_warm_up(future: "Future[str]") -> None:
