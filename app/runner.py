@@ -118,9 +118,13 @@ class JobRunner:
                     claim.attempt,
                 )
             self._held.pop(claim.job_id, None)
-        except StoreError as store_error:
-            # The lease runs out and the sweep retries the job.
-            logger.error("job %s: outcome not recorded: %s", claim.job_id, store_error)
+        except Exception as error:
+            # Let go of the claim: its lease runs out and a sweep retries the job (up to
+            # JOB_MAX_ATTEMPTS), instead of a heartbeat keeping it alive forever.
+            if isinstance(error, StoreError):
+                logger.error("job %s: outcome not recorded: %s", claim.job_id, error)
+            else:
+                logger.exception("job %s: outcome not recorded", claim.job_id)
             self._held.pop(claim.job_id, None)
         finally:
             # On cancellation (shutdown) the claim stays in _held, for stop() to release.

@@ -172,3 +172,21 @@ async def test_stop_releases_what_did_not_finish_for_the_next_process(
     clock.advance(0.001)
     [claim] = await store.claim_stale("next-process", 10)
     assert claim.job_id == A
+
+
+async def test_a_claim_whose_outcome_cannot_be_recorded_is_let_go_for_a_retry(
+    store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    runner = make_runner(store, settings)
+
+    async def broken_finish(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(store, "finish", broken_finish)
+    await store.create_job(A, '[{"a":"1"}]')
+    await runner.run_expand_reduce_flow(A)
+    monkeypatch.undo()
+    await runner.heartbeat()  # must not keep the abandoned lease alive
+    clock.advance(settings.job_lease_seconds + 1)
+    [retry] = await store.claim_stale("other", 10)
+    assert (retry.job_id, retry.attempt) == (A, 2)
