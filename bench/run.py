@@ -1,0 +1,369 @@
+"""Benchmark the service against a do-nothing ceiling app, in one run, on this machine.
+
+    make bench            # or: .venv/bin/python -m bench.run --seconds 8
+
+The server runs the way users run it (uvicorn, default settings, a fresh SQLite file) pinned to
+one core, the load generator (wrk) to the other, so neither steals the other's CPU. The ceiling
+app (bench/ceiling.py) has the same routes and request model but stores nothing; every target
+is a ratio against it or against the bare computation, measured in the same run, because
+absolute numbers drift on shared machines.
+"""
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import orjson
+
+from app.flow import expand, reduce
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CORE, LOAD_CORE = "0", "1"
+SMALL_JOB = b'{"job": {"input_data": [{"1": "2", "3": "4", "5": "6", "7": "8"}, {"key1": "value1"}]}}'
+UVICORN = ["--host", "127.0.0.1", "--timeout-graceful-shutdown", "20"]
+
+
+@dataclass
+class WrkResult:
+    """What wrk reported for one run."""
+
+    requests: int
+    rate: float
+    non_2xx: int
+    timeouts: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def wrk(url: str, *, connections: int, seconds: float, script: Path | None = None) -> WrkResult:
+    """Run wrk on the load core and parse its report."""
+    command = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
+    command += ["--timeout", "2s", "--latency"]
+    if script:
+        command += ["-s", str(script)]
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+
+    def number(pattern: str, default: float = 0.0) -> float:
+        match = re.search(pattern, out)
+        return float(match.group(1)) if match else default
+
+    def millis(pattern: str) -> float:
+        match = re.search(pattern + r"\s+([\d.]+)(us|ms|s)\b", out)
+        if not match:
+            return 0.0
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+        return float(match.group(1)) * scale
+
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    errors = sum(map(int, socket_errors.groups()[:3])) if socket_errors else 0
+    return WrkResult(
+        requests=int(number(r"(\d+) requests in")),
+        rate=number(r"Requests/sec:\s+([\d.]+)"),
+        non_2xx=int(number(r"Non-2xx or 3xx responses: (\d+)")),
+        timeouts=int(socket_errors.group(4)) if socket_errors else 0,
+        errors=errors,
+        p50_ms=millis(r"\n\s+50%"),
+        p99_ms=millis(r"\n\s+99%"),
+        max_ms=_max_latency(out),
+    )
+
+
+def _max_latency(out: str) -> float:
+    match = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    if not match:
+        return 0.0
+    return float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+
+
+@dataclass
+class Server:
+    """A uvicorn process pinned to the server core, and the peak memory of it and its children."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    peak_kib: dict[int, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def watch_memory(self) -> None:
+        while not self._stop.wait(0.05):
+            for pid in _process_tree(self.process.pid):
+                hwm = _vm_hwm_kib(pid)
+                if hwm:
+                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), hwm)
+
+    @property
+    def peak_mib(self) -> float:
+        return sum(self.peak_kib.values()) / 1024
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        pids.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                queue += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) if match else 0
+
+
+@contextmanager
+def serve(app: str, env: dict[str, str], log: Path) -> Iterator[Server]:
+    """Start ``uvicorn app`` on the server core and wait until it answers."""
+    port = _free_port()
+    command = ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "uvicorn", app, *UVICORN]
+    command += ["--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
+    server = Server(process, f"http://127.0.0.1:{port}")
+    watcher = threading.Thread(target=server.watch_memory, daemon=True)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{server.base_url}/check_status/x", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(log.read_text()) from None
+                time.sleep(0.1)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        server._stop.set()
+        watcher.join()
+
+
+def _free_port() -> int:
+    import socket
+
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def post_script(directory: Path) -> Path:
+    script = directory / "post.lua"
+    body = SMALL_JOB.decode().replace("\\", "\\\\").replace('"', '\\"')
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = "{body}"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return script
+
+
+def big_job_body(items: int = 20_000, keys: int = 20) -> bytes:
+    data = [{f"k{k:02}": f"{i:05}-{k:02}" for k in range(keys)} for i in range(items)]
+    return orjson.dumps({"job": {"input_data": data}})
+
+
+def bare_computation(body: bytes) -> float:
+    """Parse the body, split/merge every item in a plain loop, serialise the result: seconds."""
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        items = orjson.loads(body)["job"]["input_data"]
+        result = [reduce(*expand(item)) for item in items]
+        orjson.dumps(result)
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def db_jobs(db_path: Path) -> tuple[dict[str, int], float]:
+    """Job counts by status, and the time (epoch seconds) of the last update."""
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+        counts = dict(db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+        (last,) = db.execute("SELECT max(updated_at) FROM jobs").fetchone()
+    last_time = datetime.strptime(last, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    return counts, last_time
+
+
+def run_big_job(server: Server, body: bytes) -> float:
+    """Send the big job and poll until it is completed: seconds from sending to completed."""
+    started = time.perf_counter()
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        response = client.post(
+            "/expand_reduce_flow/", content=body, headers={"content-type": "application/json"}
+        )
+        response.raise_for_status()
+        job_id = response.json()["job_id"]
+        while True:
+            status = client.get(f"/check_status/{job_id}").json()["status"]
+            if status != "processing":
+                break
+            time.sleep(0.005)
+    assert status == "completed", status
+    return time.perf_counter() - started
+
+
+def measure_ceiling(args: argparse.Namespace, work: Path) -> dict[str, WrkResult]:
+    with serve("bench.ceiling:app", {}, work / "ceiling.log") as ceiling:
+        submit = wrk(
+            f"{ceiling.base_url}/expand_reduce_flow/",
+            connections=args.connections,
+            seconds=args.seconds,
+            script=post_script(work),
+        )
+        status = wrk(
+            f"{ceiling.base_url}/check_status/3f1c2a9e-5b7d-4e8f-9a0b-1c2d3e4f5a6b",
+            connections=args.connections,
+            seconds=args.seconds,
+        )
+    return {"submit": submit, "status": status}
+
+
+def measure_service(args: argparse.Namespace, work: Path, big_body: bytes) -> dict[str, object]:
+    db_path = work / "jobs.db"
+    env = {"DATABASE_URL": f"sqlite:///{db_path}"}
+    with serve("app.main:app", env, work / "service.log") as server:
+        for _ in range(3):  # warm up: imports, the worker process, SQLite's caches
+            httpx.post(f"{server.base_url}/expand_reduce_flow/", content=SMALL_JOB,
+                       headers={"content-type": "application/json"})
+        time.sleep(3)
+        warm_count = sum(db_jobs(db_path)[0].values())
+
+        started = time.time()
+        submit = wrk(
+            f"{server.base_url}/expand_reduce_flow/",
+            connections=args.connections,
+            seconds=args.seconds,
+            script=post_script(work),
+        )
+        while True:
+            counts, last_update = db_jobs(db_path)
+            if not counts.get("processing"):
+                break
+            time.sleep(0.05)
+        stored = sum(counts.values()) - warm_count
+        accepted = submit.requests - submit.non_2xx
+        end_to_end = (counts.get("completed", 0) - warm_count) / (last_update - started)
+
+        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+            (job_id,) = db.execute("SELECT job_id FROM jobs LIMIT 1").fetchone()
+        status = wrk(
+            f"{server.base_url}/check_status/{job_id}",
+            connections=args.connections,
+            seconds=args.seconds,
+        )
+
+        stall: dict[str, WrkResult] = {}
+        poller = threading.Thread(
+            target=lambda: stall.setdefault(
+                "result",
+                wrk(f"{server.base_url}/check_status/{job_id}", connections=8, seconds=args.stall_seconds),
+            )
+        )
+        poller.start()
+        time.sleep(1)
+        big_seconds = run_big_job(server, big_body)
+        poller.join()
+    return {
+        "submit": submit,
+        "status": status,
+        "end_to_end": end_to_end,
+        "failed": counts.get("failed", 0),
+        "stored": stored,
+        "accepted": accepted,
+        "big_seconds": big_seconds,
+        "stall": stall["result"],
+        "peak_mib": server.peak_mib,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--stall-seconds", type=float, default=6)
+    args = parser.parse_args()
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is needed: apt-get install wrk util-linux")
+
+    big_body = big_job_body()
+    with tempfile.TemporaryDirectory(prefix="bench-") as directory:
+        work = Path(directory)
+        ceiling = measure_ceiling(args, work)
+        service = measure_service(args, work, big_body)
+    bare = _pinned(bare_computation, big_body)
+
+    submit, status, stall = service["submit"], service["status"], service["stall"]
+    assert isinstance(submit, WrkResult) and isinstance(status, WrkResult)
+    assert isinstance(stall, WrkResult)
+    c_submit, c_status = ceiling["submit"].rate, ceiling["status"].rate
+    e2e = float(service["end_to_end"])  # type: ignore[arg-type]
+    big = float(service["big_seconds"])  # type: ignore[arg-type]
+    peak = float(service["peak_mib"])  # type: ignore[arg-type]
+    rows = [
+        ("submit rate (req/s)", f"{submit.rate:,.0f}", f"{c_submit:,.0f}", submit.rate / c_submit, "≥ 0.50", submit.rate / c_submit >= 0.5 and submit.non_2xx == 0),
+        ("status rate (req/s)", f"{status.rate:,.0f}", f"{c_status:,.0f}", status.rate / c_status, "≥ 0.80", status.rate / c_status >= 0.8 and status.non_2xx == 0),
+        ("end-to-end (jobs/s)", f"{e2e:,.0f}", f"{c_submit:,.0f}", e2e / c_submit, "≥ 0.40, none failed", e2e / c_submit >= 0.4 and service["failed"] == 0),
+        ("big job 20,000×20 (s)", f"{big:.2f}", f"{bare:.2f} bare", big / bare, "≤ 3.0", big / bare <= 3.0),
+        ("status during big job p99 (ms)", f"{stall.p99_ms:.1f}", "", None, "< 50, none > 2 s", stall.p99_ms < 50 and stall.timeouts == 0 and stall.max_ms < 2000),
+        ("peak RSS, server + workers (MB)", f"{peak:.0f}", "", None, "< 200", peak < 200),
+    ]
+    print(f"\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · {platform.node()} · {_cpu()} · {os.cpu_count()} cores · Python {platform.python_version()}")
+    print("\n| figure | service | ceiling / baseline | ratio | target | met |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, mine, theirs, ratio, target, met in rows:
+        shown = f"{ratio:.2f}" if ratio is not None else ""
+        print(f"| {name} | {mine} | {theirs} | {shown} | {target} | {'yes' if met else 'NO'} |")
+    print(
+        f"\nsubmit: {submit.requests} requests, {submit.non_2xx} non-2xx, {service['accepted']} "
+        f"accepted, {service['stored']} rows stored; status during the big job: "
+        f"{stall.requests} requests, p50 {stall.p50_ms:.1f} ms, max {stall.max_ms:.0f} ms, "
+        f"{stall.timeouts} over 2 s (timed out), {stall.errors} socket errors; "
+        f"{service['failed']} jobs failed"
+    )
+
+
+def _pinned(function, *args):  # type: ignore[no-untyped-def]
+    os.sched_setaffinity(0, {int(SERVER_CORE)})
+    try:
+        return function(*args)
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
