@@ -34,25 +34,27 @@ UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 INLINE_PARSE_MAX_BYTES = 64 * 1024
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are async on purpose: FastAPI runs a plain ``def`` dependency in a worker
+# thread, which on a hot path costs more than the request itself.
+async def get_settings(request: Request) -> Settings:
     """The app's settings."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     """The app's open job store."""
     store: JobStore = request.app.state.store
     return store
 
 
-def get_runner(request: Request) -> JobRunner:
+async def get_runner(request: Request) -> JobRunner:
     """The app's job runner."""
     runner: JobRunner = request.app.state.runner
     return runner
 
 
-def get_workers(request: Request) -> CpuWorkers:
+async def get_workers(request: Request) -> CpuWorkers:
     """Where the app runs CPU-bound work."""
     workers: CpuWorkers = request.app.state.workers
     return workers
@@ -155,7 +157,10 @@ async def submit_job(
     _require_accepting(runner)  # shutdown may have begun while the body was read
     job_id = str(uuid.uuid4())
     await store.create_job(job_id, input_json)
-    background_tasks.add_task(runner.run_expand_reduce_flow, job_id)
+    # A small input rides along, saving a read; a large one is read back when the job runs, so
+    # a queue of large jobs does not hold their inputs in memory.
+    small = len(input_json) < settings.flow_process_threshold_bytes
+    background_tasks.add_task(runner.run_expand_reduce_flow, job_id, input_json if small else None)
     return JSONResponse(
         {"job_id": job_id}, status_code=202, headers={"Location": f"/check_status/{job_id}"}
     )

@@ -63,8 +63,11 @@ class JobRunner:
             self._stopping = True
             self._drain_deadline = time.monotonic() + self._settings.shutdown_timeout_seconds
 
-    async def run_expand_reduce_flow(self, job_id: str) -> None:
-        """Run a just-submitted job, unless another process or the sweep already took it."""
+    async def run_expand_reduce_flow(self, job_id: str, input_json: str | None = None) -> None:
+        """Run a just-submitted job, unless another process or the sweep already took it.
+
+        ``input_json`` is the job's input if the caller has it at hand; otherwise it is read.
+        """
         if self._stopping:
             return  # unclaimed: the next process's sweep runs it
         async with self._slots:
@@ -77,7 +80,7 @@ class JobRunner:
                 return
             if claim is not None:
                 self._held[job_id] = claim
-                await self._execute(claim)
+                await self._execute(claim, input_json)
 
     async def sweep(self) -> list[Claim]:
         """Fail stale jobs out of attempts and claim as many others as there are free slots."""
@@ -104,13 +107,13 @@ class JobRunner:
             if not self._stopping:
                 await self._execute(claim)
 
-    async def _execute(self, claim: Claim) -> None:
+    async def _execute(self, claim: Claim, input_json: str | None = None) -> None:
         """Run one claimed attempt and record its outcome; the caller holds a slot."""
         task = asyncio.current_task()
         assert task is not None
         self._executions.add(task)
         try:
-            output_json, error = await self._compute(claim)
+            output_json, error = await self._compute(claim, input_json)
             if not await self._store.finish(claim, output_json=output_json, error=error):
                 logger.warning(
                     "job %s: attempt %d lost its lease; its outcome was discarded",
@@ -132,9 +135,10 @@ class JobRunner:
             if self._backlog:
                 self._sweep_again.set()
 
-    async def _compute(self, claim: Claim) -> tuple[str | None, str | None]:
+    async def _compute(self, claim: Claim, input_json: str | None) -> tuple[str | None, str | None]:
         """Return (output JSON, None) or (None, error message) for one attempt."""
-        input_json = await self._store.load_input(claim.job_id)
+        if input_json is None:
+            input_json = await self._store.load_input(claim.job_id)
         if input_json is None:
             return None, "the job's input is missing"
         try:

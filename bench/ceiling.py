@@ -37,9 +37,7 @@ async def submit_job(request: JobRequest) -> SubmitResponse:
 @app.get("/check_status/{job_id}")
 async def check_status(job_id: str) -> StatusResponse:
     """Say every job is completed."""
-    return StatusResponse(
-        job_id=job_id, status=JobStatus.COMPLETED, created_at=NOW, updated_at=NOW
-    )
+    return StatusResponse(job_id=job_id, status=JobStatus.COMPLETED, created_at=NOW, updated_at=NOW)
 
 
 @app.get("/job_result/{job_id}")

@@ -3,10 +3,11 @@
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -22,6 +23,9 @@ from app.store import (
     StoreUnavailableError,
     iso_utc,
 )
+from app.store.batching import Batcher
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +49,6 @@ MIGRATIONS: Sequence[str] = (
 )
 
 # A lease is live while lease_until >= now; an unclaimed job's lease_until is its grace deadline.
-_CLAIM = """
-    UPDATE jobs SET owner = ?, attempts = attempts + 1, lease_until = ?, updated_at = ?
-    WHERE job_id = ? AND status = 'processing' AND attempts < ?
-      AND (owner IS NULL OR lease_until < ?)
-    RETURNING attempts
-"""
 _FAIL_EXHAUSTED = """
     UPDATE jobs SET status = 'failed', error = ?, owner = NULL, lease_until = NULL, updated_at = ?
     WHERE status = 'processing' AND lease_until < ? AND attempts >= ?
@@ -64,11 +62,63 @@ _CLAIM_STALE = """
     )
     RETURNING job_id, attempts
 """
-_FINISH = """
-    UPDATE jobs SET status = ?, output_data = ?, error = ?, owner = NULL, lease_until = NULL,
-                    updated_at = ?
-    WHERE job_id = ? AND owner = ? AND attempts = ? AND status = 'processing'
+_INSERT = """
+    INSERT INTO jobs (job_id, input_data, status, created_at, updated_at, lease_until)
+    VALUES (?, ?, 'processing', ?, ?, ?)
 """
+# Claims and finishes of one batch are each one statement; RETURNING says which landed.
+_CLAIM_MANY = """
+    UPDATE jobs SET owner = ?, attempts = attempts + 1, lease_until = ?, updated_at = ?
+    WHERE job_id IN ({ids}) AND status = 'processing' AND attempts < ?
+      AND (owner IS NULL OR lease_until < ?)
+    RETURNING job_id, attempts
+"""
+_FINISH_MANY = """
+    WITH outcome (job_id, owner, attempt, status, output_data, error) AS (VALUES {rows})
+    UPDATE jobs SET status = outcome.status, output_data = outcome.output_data,
+                    error = outcome.error, owner = NULL, lease_until = NULL, updated_at = ?
+    FROM outcome
+    WHERE jobs.job_id = outcome.job_id AND jobs.owner = outcome.owner
+      AND jobs.attempts = outcome.attempt AND jobs.status = 'processing'
+    RETURNING jobs.job_id
+"""
+_STATUS_MANY = """
+    SELECT job_id, status, created_at, updated_at, error FROM jobs WHERE job_id IN ({ids})
+"""
+# Well below SQLite's limit of 32,766 bound parameters per statement.
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class _Insert:
+    job_id: str
+    input_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    job_id: str
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    claim: Claim
+    output_json: str | None
+    error: str | None
+
+
+_Write = _Insert | _Claim | _Finish
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _marks(count: int, width: int = 1) -> str:
+    row = "?" if width == 1 else "(" + ", ".join("?" * width) + ")"
+    return ", ".join([row] * count)
 
 
 def sqlite_path(database_url: str) -> Path:
@@ -128,6 +178,8 @@ class SQLiteJobStore:
         # aiosqlite serialises calls, not transactions: without this lock another coroutine's
         # statement could land inside (and be committed or rolled back with) ours.
         self._write_lock = asyncio.Lock()
+        self._writes: Batcher[_Write, Any] = Batcher(self._apply_writes)
+        self._status_reads: Batcher[str, JobRecord | None] = Batcher(self._read_statuses)
 
     async def open(self) -> None:
         """Connect, switch to WAL, create or upgrade the schema."""
@@ -174,7 +226,9 @@ class SQLiteJobStore:
             raise
 
     async def close(self) -> None:
-        """Close both connections; safe to call twice."""
+        """Apply what is queued, then close both connections; safe to call twice."""
+        await self._writes.flush()
+        await self._status_reads.flush()
         for db in (self._reader, self._writer):
             if db is not None:
                 await db.close()
@@ -217,26 +271,93 @@ class SQLiteJobStore:
 
     async def create_job(self, job_id: str, input_json: str) -> None:
         """Insert an unclaimed job; other processes may take it after the grace time."""
+        await self._writes.submit(_Insert(job_id, input_json))
+
+    async def _apply_writes(self, ops: Sequence[_Write]) -> list[Any]:
+        """Apply one batch in one transaction: inserts, then claims, then finishes."""
         now = self._clock()
-        created = iso_utc(now)
+        results: dict[int, Any] = {}
         async with self._writing() as db:
-            await db.execute(
-                "INSERT INTO jobs (job_id, input_data, status, created_at, updated_at, lease_until)"
-                " VALUES (?, ?, 'processing', ?, ?, ?)",
-                (job_id, input_json, created, created, now + self._policy.claim_grace_seconds),
+            inserts = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Insert)]
+            if inserts:
+                deadline = now + self._policy.claim_grace_seconds
+                stamp = iso_utc(now)
+                rows = [(op.job_id, op.input_json, stamp, stamp, deadline) for _, op in inserts]
+                await db.executemany(_INSERT, rows)
+                results.update((i, None) for i, _ in inserts)
+            claims = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Claim)]
+            results.update(await self._apply_claims(db, claims, now))
+            finishes = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Finish)]
+            results.update(await self._apply_finishes(db, finishes, now))
+        return [results[i] for i in range(len(ops))]
+
+    async def _apply_claims(
+        self, db: aiosqlite.Connection, claims: list[tuple[int, _Claim]], now: float
+    ) -> dict[int, Claim | None]:
+        results: dict[int, Claim | None] = {}
+        for owner in {op.owner for _, op in claims}:
+            wanted = [(i, op.job_id) for i, op in claims if op.owner == owner]
+            attempts: dict[str, int] = {}
+            ids = list(dict.fromkeys(job_id for _, job_id in wanted))
+            for chunk in _chunks(ids):
+                sql = _CLAIM_MANY.format(ids=_marks(len(chunk)))
+                params = (owner, now + self._policy.lease_seconds, iso_utc(now), *chunk)
+                rows = await db.execute_fetchall(sql, (*params, self._policy.max_attempts, now))
+                attempts.update((job_id, attempt) for job_id, attempt in rows)
+            for i, job_id in wanted:
+                # The same job asked for twice in one batch is claimed once, by the first.
+                attempt = attempts.pop(job_id, None)
+                results[i] = Claim(job_id, owner, attempt) if attempt is not None else None
+        return results
+
+    async def _apply_finishes(
+        self, db: aiosqlite.Connection, finishes: list[tuple[int, _Finish]], now: float
+    ) -> dict[int, bool]:
+        landed: set[tuple[str, str, int]] = set()
+        for chunk in _chunks(finishes):
+            params: list[Any] = []
+            for _, op in chunk:
+                status = JobStatus.FAILED if op.error is not None else JobStatus.COMPLETED
+                claim = op.claim
+                params += [claim.job_id, claim.owner, claim.attempt, status.value]
+                params += [op.output_json, op.error]
+            sql = _FINISH_MANY.format(rows=_marks(len(chunk), width=6))
+            rows = await db.execute_fetchall(sql, (*params, iso_utc(now)))
+            finished = {job_id for (job_id,) in rows}
+            landed.update(
+                (op.claim.job_id, op.claim.owner, op.claim.attempt)
+                for _, op in chunk
+                if op.claim.job_id in finished
             )
+        return {
+            i: (op.claim.job_id, op.claim.owner, op.claim.attempt) in landed for i, op in finishes
+        }
 
     async def get_job(self, job_id: str, *, with_output: bool = False) -> JobRecord | None:
         """Return the job, with its output only if asked (it can be megabytes)."""
-        output = "output_data" if with_output else "NULL"
+        if not with_output:
+            return await self._status_reads.submit(job_id)
         rows = await self._read(
-            f"SELECT status, created_at, updated_at, {output}, error FROM jobs WHERE job_id = ?",
+            "SELECT status, created_at, updated_at, output_data, error FROM jobs WHERE job_id = ?",
             (job_id,),
         )
         if not rows:
             return None
         status, created_at, updated_at, output_data, error = rows[0]
         return JobRecord(job_id, JobStatus(status), created_at, updated_at, output_data, error)
+
+    async def _read_statuses(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """One query for every status asked for at the same moment."""
+        found: dict[str, JobRecord] = {}
+        unique = list(dict.fromkeys(job_ids))
+        for chunk in _chunks(unique):
+            for job_id, status, created_at, updated_at, error in await self._read(
+                _STATUS_MANY.format(ids=_marks(len(chunk))), chunk
+            ):
+                found[job_id] = JobRecord(
+                    job_id, JobStatus(status), created_at, updated_at, None, error
+                )
+        return [found.get(job_id) for job_id in job_ids]
 
     async def load_input(self, job_id: str) -> str | None:
         """Return the job's input JSON."""
@@ -245,22 +366,8 @@ class SQLiteJobStore:
 
     async def claim(self, job_id: str, owner: str) -> Claim | None:
         """Claim the job if it is processing, has attempts left and no live lease."""
-        now = self._clock()
-        async with self._writing() as db:
-            rows = await db.execute_fetchall(
-                _CLAIM,
-                (
-                    owner,
-                    now + self._policy.lease_seconds,
-                    iso_utc(now),
-                    job_id,
-                    self._policy.max_attempts,
-                    now,
-                ),
-            )
-        for (attempt,) in rows:
-            return Claim(job_id, owner, attempt)
-        return None
+        claim: Claim | None = await self._writes.submit(_Claim(job_id, owner))
+        return claim
 
     async def claim_stale(self, owner: str, limit: int) -> list[Claim]:
         """Fail stale jobs that used up their attempts, then claim up to ``limit`` others."""
@@ -299,21 +406,8 @@ class SQLiteJobStore:
 
     async def finish(self, claim: Claim, *, output_json: str | None, error: str | None) -> bool:
         """Record the outcome, fenced by the claim's owner and attempt."""
-        status = JobStatus.FAILED if error is not None else JobStatus.COMPLETED
-        async with self._writing() as db:
-            cursor = await db.execute(
-                _FINISH,
-                (
-                    status.value,
-                    output_json,
-                    error,
-                    iso_utc(self._clock()),
-                    claim.job_id,
-                    claim.owner,
-                    claim.attempt,
-                ),
-            )
-            return cursor.rowcount == 1
+        landed: bool = await self._writes.submit(_Finish(claim, output_json, error))
+        return landed
 
     async def release(self, claims: Iterable[Claim]) -> None:
         """Drop these leases now so the next sweep, here or elsewhere, takes the jobs."""
