@@ -3,6 +3,7 @@
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, NoReturn
 
@@ -34,36 +35,25 @@ UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 INLINE_PARSE_MAX_BYTES = 64 * 1024
 
 
-# Dependencies are async on purpose: FastAPI runs a plain ``def`` dependency in a worker
-# thread, which on a hot path costs more than the request itself.
-async def get_settings(request: Request) -> Settings:
-    """The app's settings."""
-    settings: Settings = request.app.state.settings
-    return settings
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the routes use, built once when the app starts."""
+
+    settings: Settings
+    store: JobStore
+    runner: JobRunner
+    workers: CpuWorkers
 
 
-async def get_store(request: Request) -> JobStore:
-    """The app's open job store."""
-    store: JobStore = request.app.state.store
-    return store
+# One dependency per route, and async: FastAPI runs a plain ``def`` dependency in a worker
+# thread, and resolving each dependency has a cost of its own on the hot paths.
+async def get_services(request: Request) -> Services:
+    """The app's services."""
+    services: Services = request.app.state.services
+    return services
 
 
-async def get_runner(request: Request) -> JobRunner:
-    """The app's job runner."""
-    runner: JobRunner = request.app.state.runner
-    return runner
-
-
-async def get_workers(request: Request) -> CpuWorkers:
-    """Where the app runs CPU-bound work."""
-    workers: CpuWorkers = request.app.state.workers
-    return workers
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[JobStore, Depends(get_store)]
-RunnerDep = Annotated[JobRunner, Depends(get_runner)]
-WorkersDep = Annotated[CpuWorkers, Depends(get_workers)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def _error_doc(description: str, detail: Any) -> dict[str, Any]:
@@ -136,12 +126,10 @@ async def root() -> RedirectResponse:
 async def submit_job(
     request: Request,
     background_tasks: BackgroundTasks,
-    settings: SettingsDep,
-    store: StoreDep,
-    runner: RunnerDep,
-    workers: WorkersDep,
+    services: ServicesDep,
 ) -> Response:
     """Store a job and start ExpandReduceFlow on it; answer only once the job is committed."""
+    settings, runner = services.settings, services.runner
     _require_accepting(runner)
     _require_json_content_type(request)
     body = await _read_body(request, settings.max_body_bytes)
@@ -149,14 +137,15 @@ async def submit_job(
         if len(body) < INLINE_PARSE_MAX_BYTES:
             input_json = parse_job_request(body, settings.limits)
         else:
-            input_json = await workers.run(partial(parse_job_request, limits=settings.limits), body)
+            parse = partial(parse_job_request, limits=settings.limits)
+            input_json = await services.workers.run(parse, body)
     except InvalidJSONError as error:
         raise HTTPException(400, str(error)) from None
     except InvalidJobRequestError as error:
         return JSONResponse({"detail": error.errors}, status_code=422)
     _require_accepting(runner)  # shutdown may have begun while the body was read
     job_id = str(uuid.uuid4())
-    await store.create_job(job_id, input_json)
+    await services.store.create_job(job_id, input_json)
     # A small input rides along, saving a read; a large one is read back when the job runs, so
     # a queue of large jobs does not hold their inputs in memory.
     small = len(input_json) < settings.flow_process_threshold_bytes
@@ -179,9 +168,9 @@ router.add_api_route(
     summary="Check a job's status",
     responses={404: NOT_FOUND_DOC, 503: UNAVAILABLE_DOC},
 )
-async def check_status(job_id: str, store: StoreDep) -> StatusResponse:
+async def check_status(job_id: str, services: ServicesDep) -> StatusResponse:
     """Say whether the job is processing, completed or failed."""
-    job = await _find_job(store, job_id)
+    job = await _find_job(services.store, job_id)
     return StatusResponse(
         job_id=job.job_id, status=job.status, created_at=job.created_at, updated_at=job.updated_at
     )
@@ -233,9 +222,9 @@ async def check_status(job_id: str, store: StoreDep) -> StatusResponse:
         503: UNAVAILABLE_DOC,
     },
 )
-async def job_result(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+async def job_result(job_id: str, services: ServicesDep) -> Response:
     """Return the result of a completed job, the error of a failed one, or 202 meanwhile."""
-    job = await _find_job(store, job_id, with_output=True)
+    job = await _find_job(services.store, job_id, with_output=True)
     if job.status is JobStatus.COMPLETED and job.output_data is not None:
         # The stored result is already JSON: splice it in rather than parse and re-serialise it.
         head = f'{{"job_id":"{job.job_id}","status":"completed","result":'
@@ -243,7 +232,7 @@ async def job_result(job_id: str, store: StoreDep, settings: SettingsDep) -> Res
         return Response(body, media_type="application/json")
     content = ResultResponse(job_id=job.job_id, status=job.status, result=None, error=job.error)
     if job.status is JobStatus.PROCESSING:
-        retry_after = str(settings.result_retry_after_seconds)
+        retry_after = str(services.settings.result_retry_after_seconds)
         return JSONResponse(
             content.model_dump(), status_code=202, headers={"Retry-After": retry_after}
         )
@@ -261,10 +250,10 @@ async def healthz() -> dict[str, str]:
     summary="Readiness",
     responses={200: {"description": "Ready for traffic"}, 503: UNAVAILABLE_DOC},
 )
-async def readyz(store: StoreDep, runner: RunnerDep) -> dict[str, str]:
+async def readyz(services: ServicesDep) -> dict[str, str]:
     """Answer 200 only while the database answers and the process is not shutting down."""
-    _require_accepting(runner)
-    await store.ping()
+    _require_accepting(services.runner)
+    await services.store.ping()
     return {"status": "ready"}
 
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from app.config import Settings
-from app.flow import KeyCollisionError, expand_reduce_json
+from app.flow import KeyCollisionError
 from app.store import Claim, JobStore, StoreError
 from app.workers import CpuWorkers, WorkerCrashedError
 
@@ -142,7 +142,7 @@ class JobRunner:
         if input_json is None:
             return None, "the job's input is missing"
         try:
-            return await self._workers.run(expand_reduce_json, input_json), None
+            return await self._workers.run_flow(input_json), None
         except KeyCollisionError as error:
             return None, f"ExpandReduceFlow failed: {error}"
         except WorkerCrashedError as error:

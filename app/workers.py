@@ -11,12 +11,13 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from app.flow import expand_reduce_json
+from app.batching import Batcher
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class CpuWorkers:
         self._processes = processes
         self._threshold = threshold_bytes
         self._pool: ProcessPoolExecutor | None = None
+        # Small flows started at the same moment share one trip to a thread.
+        self._small_flows: Batcher[str, str | Exception] = Batcher(self._run_small_flows)
 
     def start(self) -> None:
         """Start the worker processes now, so the first large job does not pay for it."""
@@ -52,6 +55,19 @@ class CpuWorkers:
         except BrokenProcessPool as error:
             self._discard(pool)
             raise WorkerCrashedError("the worker process died while running this task") from error
+
+    async def run_flow(self, input_json: str) -> str:
+        """Run ExpandReduceFlow on a job's input JSON; return its result JSON."""
+        if self._processes > 0 and len(input_json) >= self._threshold:
+            return await self.run(expand_reduce_json, input_json)
+        outcome = await self._small_flows.submit(input_json)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    @staticmethod
+    async def _run_small_flows(inputs: Sequence[str]) -> list[str | Exception]:
+        return await asyncio.to_thread(_run_each, inputs)
 
     def _process_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -75,6 +91,17 @@ class CpuWorkers:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _run_each(inputs: Sequence[str]) -> list[str | Exception]:
+    """Run the flow on each input; one job's failure is that job's outcome, not the batch's."""
+    outcomes: list[str | Exception] = []
+    for input_json in inputs:
+        try:
+            outcomes.append(expand_reduce_json(input_json))
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
 
 
 def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:

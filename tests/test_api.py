@@ -69,7 +69,7 @@ async def test_result_of_a_processing_job_is_202_with_retry_after(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
     job_id = str(uuid.uuid4())
-    await app.state.store.create_job(job_id, '[{"a":"b"}]')  # stored, not yet run
+    await app.state.services.store.create_job(job_id, '[{"a":"b"}]')  # stored, not yet run
     status = await client.get(f"/check_status/{job_id}")
     assert status.json()["status"] == "processing"
     result = await client.get(f"/job_result/{job_id}")
@@ -120,7 +120,7 @@ async def test_malformed_job_id_is_404_without_asking_the_database(
     async def must_not_be_called(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the database was queried for a malformed id")
 
-    monkeypatch.setattr(app.state.store, "get_job", must_not_be_called)
+    monkeypatch.setattr(app.state.services.store, "get_job", must_not_be_called)
     response = await client.get(f"/{route}/{job_id}")
     assert response.status_code == 404
     assert "UUID" in response.json()["detail"]
@@ -288,7 +288,7 @@ async def test_unavailable_store_on_submit_is_503_with_retry_after(
     async def locked(*args: Any) -> None:
         raise StoreUnavailableError("database is locked")
 
-    monkeypatch.setattr(app.state.store, "create_job", locked)
+    monkeypatch.setattr(app.state.services.store, "create_job", locked)
     response = await submit(client, JOB)
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
@@ -301,7 +301,7 @@ async def test_internal_error_is_500_without_a_traceback(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(app.state.store, "get_job", broken)
+    monkeypatch.setattr(app.state.services.store, "get_job", broken)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         response = await client.get(f"/check_status/{uuid.uuid4()}")

@@ -57,7 +57,7 @@ async def test_locked_database_is_503_with_retry_after_then_recovers(
 async def test_full_disk_on_submit_is_503_and_reads_go_on(
     app: FastAPI, client: httpx.AsyncClient, db_path: Path, existing_job: str
 ) -> None:
-    writer = app.state.store._writer
+    writer = app.state.services.store._writer
     [(pages,)] = await writer.execute_fetchall("PRAGMA page_count")
     await writer.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk full"
     big = {"job": {"input_data": [{"k": "v" * 100_000}]}}
@@ -72,7 +72,7 @@ async def test_full_disk_on_submit_is_503_and_reads_go_on(
 async def test_read_only_database_on_submit_is_503_and_reads_go_on(
     app: FastAPI, client: httpx.AsyncClient, db_path: Path, existing_job: str
 ) -> None:
-    await app.state.store._writer.execute("PRAGMA query_only = ON")
+    await app.state.services.store._writer.execute("PRAGMA query_only = ON")
     response = await client.post("/expand_reduce_flow/", json=JOB)
     assert response.status_code == 503
     assert "read-only" in response.json()["detail"]
@@ -84,7 +84,7 @@ async def test_readiness_fails_while_the_database_does_not_answer(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
     assert (await client.get("/readyz")).status_code == 200
-    await app.state.store.close()
+    await app.state.services.store.close()
     response = await client.get("/readyz")
     assert response.status_code == 503
     assert (await client.get("/healthz")).status_code == 200
@@ -93,7 +93,7 @@ async def test_readiness_fails_while_the_database_does_not_answer(
 async def test_readiness_fails_and_submissions_are_refused_once_draining(
     app: FastAPI, client: httpx.AsyncClient, db_path: Path
 ) -> None:
-    app.state.runner.begin_drain()
+    app.state.services.runner.begin_drain()
     assert (await client.get("/readyz")).status_code == 503
     response = await client.post("/expand_reduce_flow/", json=JOB)
     assert response.status_code == 503

@@ -68,14 +68,14 @@ async def test_an_exception_in_one_job_is_recorded_and_logged_and_others_still_r
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     runner = make_runner(store, settings)
-    real_run = runner._workers.run
+    real_run = runner._workers.run_flow
 
-    async def explode_on_b(function: Any, payload: str) -> Any:
+    async def explode_on_b(payload: str) -> str:
         if "boom" in payload:
             raise RuntimeError("boom happened")
-        return await real_run(function, payload)
+        return await real_run(payload)
 
-    monkeypatch.setattr(runner._workers, "run", explode_on_b)
+    monkeypatch.setattr(runner._workers, "run_flow", explode_on_b)
     await store.create_job(A, '[{"a":"1"}]')
     await store.create_job(B, '[{"boom":"1"}]')
     await asyncio.gather(runner.run_expand_reduce_flow(B), runner.run_expand_reduce_flow(A))
@@ -130,13 +130,13 @@ async def test_stop_waits_for_running_jobs_within_its_grace(
     store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = make_runner(store, settings)
-    real_run = runner._workers.run
+    real_run = runner._workers.run_flow
 
-    async def slow(function: Any, payload: str) -> Any:
+    async def slow(payload: str) -> str:
         await asyncio.sleep(0.2)
-        return await real_run(function, payload)
+        return await real_run(payload)
 
-    monkeypatch.setattr(runner._workers, "run", slow)
+    monkeypatch.setattr(runner._workers, "run_flow", slow)
     await store.create_job(A, '[{"a":"1"}]')
     job = asyncio.create_task(runner.run_expand_reduce_flow(A))
     await asyncio.sleep(0.05)
@@ -157,10 +157,10 @@ async def test_stop_releases_what_did_not_finish_for_the_next_process(
     settings = settings.model_copy(update={"shutdown_timeout_seconds": 0.1})
     runner = make_runner(store, settings)
 
-    async def run_stuck(function: Any, payload: str) -> str:
+    async def run_stuck(payload: str) -> str:
         return await asyncio.to_thread(stuck_flow, payload)
 
-    monkeypatch.setattr(runner._workers, "run", run_stuck)
+    monkeypatch.setattr(runner._workers, "run_flow", run_stuck)
     await store.create_job(A, '[{"a":"1"}]')
     job = asyncio.create_task(runner.run_expand_reduce_flow(A))
     await asyncio.sleep(0.05)

@@ -23,7 +23,7 @@ from app.store import (
     StoreUnavailableError,
     iso_utc,
 )
-from app.store.batching import Batcher
+from app.batching import Batcher
 
 T = TypeVar("T")
 
