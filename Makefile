@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 # Below Kubernetes' default 30 s termination grace period.
 GRACEFUL_TIMEOUT ?= 20
 
-.PHONY: install run test lint format clean
+.PHONY: install run test lint format bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert (3, 11) <= sys.version_info[:2] < (3, 13), "Python 3.11 or 3.12 is required (uniflow needs < 3.13)"'
@@ -27,6 +27,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# By hand, never in CI: needs wrk (apt-get install wrk) and a quiet machine; see the README.
+bench: install
+	$(BIN)/python -m bench.run
 
 format: install
 	$(BIN)/ruff check --fix .

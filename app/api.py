@@ -149,7 +149,7 @@ async def submit_job(
     # A small input rides along, saving a read; a large one is read back when the job runs, so
     # a queue of large jobs does not hold their inputs in memory.
     small = len(input_json) < settings.flow_process_threshold_bytes
-    background_tasks.add_task(runner.run_expand_reduce_flow, job_id, input_json if small else None)
+    background_tasks.add_task(runner.start_job, job_id, input_json if small else None)
     return JSONResponse(
         {"job_id": job_id}, status_code=202, headers={"Location": f"/check_status/{job_id}"}
     )

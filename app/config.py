@@ -26,7 +26,12 @@ class Settings(BaseSettings):
     max_value_length: int = Field(
         1_048_576, gt=0, description="Longest string value, in characters."
     )
-    flow_concurrency: int = Field(4, gt=0, description="Jobs one process runs at the same time.")
+    flow_concurrency: int = Field(
+        32,
+        gt=0,
+        description="Jobs one process runs at the same time (large ones: at most "
+        "FLOW_PROCESSES of them).",
+    )
     flow_processes: int = Field(
         1, ge=0, description="Worker processes for large jobs and bodies; 0 runs all in threads."
     )

@@ -11,7 +11,7 @@ ReduceOp node per job rather than per item, because uniflow's ``Node`` bookkeepi
 would cost more than the split/merge itself. This module is pure: no I/O and no globals.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -138,10 +138,47 @@ def expand_reduce(items: Sequence[JSONObject]) -> list[dict[str, JSONScalar]]:
     return output
 
 
-def expand_reduce_json(input_json: str) -> str:
-    """Run the flow on a job's stored input JSON and return its result as JSON text.
+# A large job runs as consecutive flows over this many objects each: the job's objects are
+# never all alive at once (memory, and the garbage collector's work, grow with what is alive),
+# while uniflow's per-flow cost is still paid a few times per job rather than per object.
+BATCH_ITEMS = 1_000
 
-    This is what a worker thread or process runs: text in, text out, so a large job
-    crosses a process boundary as one string rather than as many small objects.
+
+def expand_reduce_json(input_json: str) -> str:
+    """Run the flow on a job's input JSON and return its result as JSON text.
+
+    This is what a worker thread or process runs: text in, text out, so a large job crosses a
+    process boundary as one string rather than as many small objects. Input in the layout of
+    ``items_json`` (one object per line) is parsed and transformed a batch at a time.
     """
-    return orjson.dumps(expand_reduce(orjson.loads(input_json))).decode()
+    parts: list[bytes] = []
+    offset = 0
+    for items in _batches(input_json):
+        try:
+            merged = expand_reduce(items)
+        except KeyCollisionError as error:
+            raise KeyCollisionError(error.key, offset + (error.item_index or 0)) from None
+        if merged:
+            parts.append(orjson.dumps(merged)[1:-1])
+        offset += len(items)
+    return "[" + b",".join(parts).decode() + "]"
+
+
+def items_json(items: Sequence[JSONObject]) -> str:
+    """A JSON array of these objects, one per line, so it can be read back a batch at a time.
+
+    JSON escapes newlines inside strings, so every raw newline here separates two objects.
+    """
+    # Each bytes object orjson returns keeps its whole growth buffer (kilobytes for a small
+    # object), so they are decoded one at a time rather than all kept until the join.
+    return "[\n" + ",\n".join(orjson.dumps(item).decode() for item in items) + "\n]"
+
+
+def _batches(input_json: str) -> Iterator[list[JSONObject]]:
+    if not input_json.startswith("[\n"):
+        yield orjson.loads(input_json)
+        return
+    lines = input_json[2:-2].split("\n")
+    for start in range(0, len(lines), BATCH_ITEMS):
+        batch = ",".join(line.rstrip(",") for line in lines[start : start + BATCH_ITEMS])
+        yield orjson.loads("[" + batch + "]")

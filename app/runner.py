@@ -34,6 +34,10 @@ class JobRunner:
         self._workers = workers
         self._settings = settings
         self._slots = asyncio.Semaphore(settings.flow_concurrency)
+        # A job whose input is read from the database (a large one, or one recovered from
+        # another process) also takes one of these, so no more large inputs sit in memory than
+        # there are worker processes to work on them.
+        self._large = asyncio.Semaphore(max(1, settings.flow_processes))
         self._held: dict[str, Claim] = {}
         self._executions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -62,6 +66,14 @@ class JobRunner:
         if self._drain_deadline is None:
             self._stopping = True
             self._drain_deadline = time.monotonic() + self._settings.shutdown_timeout_seconds
+
+    async def start_job(self, job_id: str, input_json: str | None = None) -> None:
+        """Hand a just-submitted job to a task of the runner's own and return at once.
+
+        Called as the submit request's background task: a job waiting for a free slot then
+        holds only its id (and small input), not the whole finished request.
+        """
+        self._spawn(self.run_expand_reduce_flow(job_id, input_json))
 
     async def run_expand_reduce_flow(self, job_id: str, input_json: str | None = None) -> None:
         """Run a just-submitted job, unless another process or the sweep already took it.
@@ -137,10 +149,15 @@ class JobRunner:
 
     async def _compute(self, claim: Claim, input_json: str | None) -> tuple[str | None, str | None]:
         """Return (output JSON, None) or (None, error message) for one attempt."""
-        if input_json is None:
+        if input_json is not None:
+            return await self._run_flow(claim, input_json)
+        async with self._large:
             input_json = await self._store.load_input(claim.job_id)
-        if input_json is None:
-            return None, "the job's input is missing"
+            if input_json is None:
+                return None, "the job's input is missing"
+            return await self._run_flow(claim, input_json)
+
+    async def _run_flow(self, claim: Claim, input_json: str) -> tuple[str | None, str | None]:
         try:
             return await self._workers.run_flow(input_json), None
         except KeyCollisionError as error:

@@ -16,8 +16,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from app.flow import expand_reduce_json
 from app.batching import Batcher
+from app.flow import expand_reduce_json
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import platform
 import re
 import shutil
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,17 +102,21 @@ class Server:
     process: subprocess.Popen[bytes]
     base_url: str
     peak_kib: dict[int, int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def watch_memory(self) -> None:
+        """Sample the peak RSS of the server and each of its descendants until stopped."""
         while not self._stop.wait(0.05):
             for pid in _process_tree(self.process.pid):
                 hwm = _vm_hwm_kib(pid)
                 if hwm:
                     self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), hwm)
+                    self.names.setdefault(pid, _short_cmdline(pid))
 
     @property
     def peak_mib(self) -> float:
+        """Sum over the processes of each one's peak resident memory."""
         return sum(self.peak_kib.values()) / 1024
 
 
@@ -128,6 +131,18 @@ def _process_tree(pid: int) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def _short_cmdline(pid: int) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(w.decode(errors="replace") for w in words if w)
+    for marker in ("uvicorn", "resource_tracker", "spawn_main"):
+        if marker in text:
+            return marker
+    return text[:40]
 
 
 def _vm_hwm_kib(pid: int) -> int:
@@ -179,6 +194,7 @@ def _free_port() -> int:
 
 
 def post_script(directory: Path) -> Path:
+    """A wrk script that POSTs the small job."""
     script = directory / "post.lua"
     body = SMALL_JOB.decode().replace("\\", "\\\\").replace('"', '\\"')
     script.write_text(
@@ -190,6 +206,7 @@ def post_script(directory: Path) -> Path:
 
 
 def big_job_body(items: int = 20_000, keys: int = 20) -> bytes:
+    """The big job: 20,000 objects of 20 keys, about 7 MB of JSON."""
     data = [{f"k{k:02}": f"{i:05}-{k:02}" for k in range(keys)} for i in range(items)]
     return orjson.dumps({"job": {"input_data": data}})
 
@@ -234,6 +251,7 @@ def run_big_job(server: Server, body: bytes) -> float:
 
 
 def measure_ceiling(args: argparse.Namespace, work: Path) -> dict[str, WrkResult]:
+    """Submit and status rates of the do-nothing app."""
     with serve("bench.ceiling:app", {}, work / "ceiling.log") as ceiling:
         submit = wrk(
             f"{ceiling.base_url}/expand_reduce_flow/",
@@ -250,6 +268,7 @@ def measure_ceiling(args: argparse.Namespace, work: Path) -> dict[str, WrkResult
 
 
 def measure_service(args: argparse.Namespace, work: Path, big_body: bytes) -> dict[str, object]:
+    """Every figure of the real service, on a fresh database."""
     db_path = work / "jobs.db"
     env = {"DATABASE_URL": f"sqlite:///{db_path}", **dict(e.split("=", 1) for e in args.env)}
     with serve("app.main:app", env, work / "service.log") as server:
@@ -312,10 +331,12 @@ def measure_service(args: argparse.Namespace, work: Path, big_body: bytes) -> di
         "big_seconds": big_seconds,
         "stall": stall["result"],
         "peak_mib": server.peak_mib,
+        "peaks": {server.names.get(pid, "?"): kib // 1024 for pid, kib in server.peak_kib.items()},
     }
 
 
 def main() -> None:
+    """Run everything and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--connections", type=int, default=32)
@@ -331,10 +352,11 @@ def main() -> None:
         work = Path(directory)
         ceiling = measure_ceiling(args, work)
         service = measure_service(args, work, big_body)
-    bare = _pinned(bare_computation, big_body)
+    bare = _pinned(big_body)
 
     submit, status, stall = service["submit"], service["status"], service["stall"]
-    assert isinstance(submit, WrkResult) and isinstance(status, WrkResult)
+    assert isinstance(submit, WrkResult)
+    assert isinstance(status, WrkResult)
     assert isinstance(stall, WrkResult)
     c_submit, c_status = ceiling["submit"].rate, ceiling["status"].rate
     e2e = float(service["end_to_end"])  # type: ignore[arg-type]
@@ -366,7 +388,7 @@ def main() -> None:
             e2e / c_submit >= 0.4 and service["failed"] == 0,
         ),
         (
-            "big job 20,000×20 (s)",
+            "big job 20,000x20 (s)",
             f"{big:.2f}",
             f"{bare:.2f} bare",
             big / bare,
@@ -384,7 +406,8 @@ def main() -> None:
         ("peak RSS, server + workers (MB)", f"{peak:.0f}", "", None, "< 200", peak < 200),
     ]
     print(
-        f"\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · {platform.node()} · {_cpu()} · {os.cpu_count()} cores · Python {platform.python_version()}"
+        f"\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · {_cpu()} · {os.cpu_count()} cores · "
+        f"Python {platform.python_version()} · server on core {SERVER_CORE}, wrk on {LOAD_CORE}"
     )
     print("\n| figure | service | ceiling / baseline | ratio | target | met |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -396,14 +419,15 @@ def main() -> None:
         f"accepted, {service['stored']} rows stored; status during the big job: "
         f"{stall.requests} requests, p50 {stall.p50_ms:.1f} ms, max {stall.max_ms:.0f} ms, "
         f"{stall.timeouts} over 2 s (timed out), {stall.errors} socket errors; "
-        f"{service['failed']} jobs failed"
+        f"{service['failed']} jobs failed; peak RSS by process (MB): {service['peaks']}"
     )
 
 
-def _pinned(function, *args):  # type: ignore[no-untyped-def]
+def _pinned(body: bytes) -> float:
+    """The bare computation, run on the server's core like the server was."""
     os.sched_setaffinity(0, {int(SERVER_CORE)})
     try:
-        return function(*args)
+        return bare_computation(body)
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
 

@@ -1,5 +1,6 @@
 """Shared fixtures: settings on a fresh SQLite file, a started app, an async client, a server."""
 
+import asyncio
 import os
 import socket
 import sqlite3
@@ -53,6 +54,17 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
+
+
+async def wait_finished(client: httpx.AsyncClient, job_id: str, seconds: float = 10) -> str:
+    """Poll the job's status until it is no longer processing; return that status."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status: str = (await client.get(f"/check_status/{job_id}")).json()["status"]
+        if status != "processing":
+            return status
+        assert time.monotonic() < deadline, f"job {job_id} still processing after {seconds} s"
+        await asyncio.sleep(0.01)
 
 
 def count_jobs(db_path: Path) -> int:

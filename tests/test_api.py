@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.main import create_app
 from app.store import StoreUnavailableError
-from tests.conftest import count_jobs
+from tests.conftest import count_jobs, wait_finished
 
 JOB = {"job": {"input_data": [{"1": "2", "3": "4", "5": "6", "7": "8"}, {"key1": "value1"}]}}
 RESULT = [{"1 5": "2 6", "3 7": "4 8"}, {"key1": "value1"}]
@@ -43,6 +43,7 @@ async def test_submitted_job_completes_with_one_result_per_input_in_order(
     client: httpx.AsyncClient,
 ) -> None:
     job_id = (await submit(client, JOB)).json()["job_id"]
+    assert await wait_finished(client, job_id) == "completed"
     status = await client.get(f"/check_status/{job_id}")
     assert status.status_code == 200
     assert status.json()["status"] == "completed"
@@ -58,6 +59,7 @@ async def test_submitted_job_completes_with_one_result_per_input_in_order(
 
 async def test_status_gives_iso_8601_utc_timestamps(client: httpx.AsyncClient) -> None:
     job_id = (await submit(client, JOB)).json()["job_id"]
+    await wait_finished(client, job_id)
     body = (await client.get(f"/check_status/{job_id}")).json()
     assert set(body) == {"job_id", "status", "created_at", "updated_at"}
     for field in ("created_at", "updated_at"):
@@ -88,7 +90,7 @@ async def test_failed_job_result_is_200_with_an_error_naming_the_key(
 ) -> None:
     body = {"job": {"input_data": [{"a": "1", "x": "2", "a x": "3"}]}}
     job_id = (await submit(client, body)).json()["job_id"]
-    assert (await client.get(f"/check_status/{job_id}")).json()["status"] == "failed"
+    assert await wait_finished(client, job_id) == "failed"
     result = await client.get(f"/job_result/{job_id}")
     assert result.status_code == 200
     payload = result.json()
@@ -176,6 +178,7 @@ async def test_every_invalid_item_is_reported_up_to_a_bound(client: httpx.AsyncC
 async def test_scalar_values_of_every_json_type_are_accepted(client: httpx.AsyncClient) -> None:
     body = {"job": {"input_data": [{"s": "x", "i": 1, "f": 1.5, "t": True, "n": None}]}}
     job_id = (await submit(client, body)).json()["job_id"]
+    await wait_finished(client, job_id)
     result = (await client.get(f"/job_result/{job_id}")).json()["result"]
     assert result == [{"s f": "x 1.5", "i t": "1 true", "n": None}]
 
@@ -368,6 +371,7 @@ async def test_large_bodies_and_jobs_go_through_a_worker_process(db_path: Path) 
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             job_id = (await submit(client, {"job": {"input_data": items}})).json()["job_id"]
+            await wait_finished(client, job_id, seconds=60)
             result = (await client.get(f"/job_result/{job_id}")).json()["result"]
             bad = await submit(client, {"job": {"input_data": [*items, {"k": []}]}})
     assert result[1234] == {"k0 k2": "v1234-0 v1234-2", "k1 k3": "v1234-1 v1234-3", "k4": "v1234-4"}

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.main import EXIT_CORRUPT_DATABASE
-from tests.conftest import ROOT, count_jobs
+from tests.conftest import ROOT, count_jobs, wait_finished
 
 JOB = {"job": {"input_data": [{"a": "1", "b": "2"}]}}
 
@@ -29,6 +29,7 @@ async def existing_job(client: httpx.AsyncClient) -> str:
     response = await client.post("/expand_reduce_flow/", json=JOB)
     assert response.status_code == 202
     job_id: str = response.json()["job_id"]
+    assert await wait_finished(client, job_id) == "completed"
     return job_id
 
 

@@ -90,16 +90,17 @@ def test_a_job_left_processing_by_a_crashed_process_is_run_at_startup(tmp_path: 
     stop_server(first)  # leaves a migrated, empty database behind
     job_id = str(uuid.uuid4())
     with closing(sqlite3.connect(db_path)) as db, db:
+        # What a process killed while running the job leaves: the job, and its expired lease.
+        stamp = "2026-01-01T00:00:00.000000Z"
         db.execute(
-            "INSERT INTO jobs (job_id, input_data, status, created_at, updated_at, owner,"
-            " attempts, lease_until) VALUES (?, ?, 'processing', ?, ?, 'crashed:1:x', 1, ?)",
-            (
-                job_id,
-                '[{"a":"x","b":"y","c":"z"}]',
-                "2026-01-01T00:00:00.000000Z",
-                "2026-01-01T00:00:00.000000Z",
-                time.time() - 1,
-            ),
+            "INSERT INTO jobs (job_id, status, created_at, updated_at, input_data)"
+            " VALUES (?, 'processing', ?, ?, ?)",
+            (job_id, stamp, stamp, '[{"a":"x","b":"y","c":"z"}]'),
+        )
+        db.execute(
+            "INSERT INTO job_leases (job_id, owner, attempts, lease_until)"
+            " VALUES (?, 'crashed:1:x', 1, ?)",
+            (job_id, time.time() - 1),
         )
     second = start_server(db_path, tmp_path / "second.log")
     try:

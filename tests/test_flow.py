@@ -20,6 +20,7 @@ from app.flow import (
     expand,
     expand_reduce,
     expand_reduce_json,
+    items_json,
     reduce,
 )
 
@@ -167,3 +168,33 @@ def test_transform_server_runs_the_flow_by_name() -> None:
         [[{"1 5": "2 6", "3 7": "4 8"}]],
         [[{"a b": "x y", "c": "z"}]],
     ]
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=4), scalars, max_size=6), min_size=1, max_size=40))
+def test_one_object_per_line_layout_is_json_and_runs_in_batches(
+    items: list[dict[str, Any]],
+) -> None:
+    text = items_json(items)
+    assert orjson.loads(text) == items
+    try:
+        expected, collision = expand_reduce(items), None
+    except KeyCollisionError as error:
+        expected, collision = None, (error.key, error.item_index)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("app.flow.BATCH_ITEMS", 3)
+        if collision is None:
+            assert orjson.loads(expand_reduce_json(text)) == expected
+        else:
+            with pytest.raises(KeyCollisionError) as caught:
+                expand_reduce_json(text)
+            assert (caught.value.key, caught.value.item_index) == collision
+
+
+def test_collision_in_a_later_batch_names_the_item_by_its_place_in_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("app.flow.BATCH_ITEMS", 2)
+    items: list[dict[str, Any]] = [{"k": "v"}] * 5 + [{"a": "1", "x": "2", "a x": "3"}]
+    with pytest.raises(KeyCollisionError) as caught:
+        expand_reduce_json(items_json(items))
+    assert caught.value.item_index == 5

@@ -8,7 +8,7 @@ import pytest
 
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import count_jobs
+from tests.conftest import count_jobs, wait_finished
 
 JSON = {"content-type": "application/json"}
 
@@ -73,6 +73,7 @@ async def test_escaped_backslash_before_u0000_is_not_mistaken_for_nul(
 ) -> None:
     response = await post_raw(client, b'{"job": {"input_data": [{"k": "\\\\u0000"}]}}')
     assert response.status_code == 202
+    await wait_finished(client, response.json()["job_id"])
     result = (await client.get(f"/job_result/{response.json()['job_id']}")).json()["result"]
     assert result == [{"k": "\\u0000"}]
 
@@ -82,6 +83,7 @@ async def test_duplicate_keys_in_one_object_keep_the_last_value(
 ) -> None:
     response = await post_raw(client, b'{"job": {"input_data": [{"a": "1", "b": "2", "a": "3"}]}}')
     assert response.status_code == 202
+    await wait_finished(client, response.json()["job_id"])
     result = (await client.get(f"/job_result/{response.json()['job_id']}")).json()["result"]
     assert result == [{"a b": "3 2"}]
 
@@ -89,6 +91,7 @@ async def test_duplicate_keys_in_one_object_keep_the_last_value(
 async def test_unicode_keys_and_values_round_trip(client: httpx.AsyncClient) -> None:
     body = {"job": {"input_data": [{"ключ": "значение", "🔑": "✓", "k": "\u2028"}]}}
     response = await client.post("/expand_reduce_flow/", json=body)
+    await wait_finished(client, response.json()["job_id"])
     result = (await client.get(f"/job_result/{response.json()['job_id']}")).json()["result"]
     assert result == [{"ключ 🔑": "значение ✓", "k": "\u2028"}]
 

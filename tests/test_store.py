@@ -222,3 +222,53 @@ async def test_a_database_from_a_newer_version_is_left_alone(
     job_store = SQLiteJobStore(db_path, POLICY, clock=clock)
     with pytest.raises(StoreCorruptError, match="newer"):
         await job_store.open()
+
+
+async def test_a_version_1_database_is_upgraded_keeping_its_jobs_and_leases(
+    db_path: Path, clock: FakeClock
+) -> None:
+    with closing(sqlite3.connect(db_path)) as db, db:
+        db.executescript(MIGRATIONS[0])
+        db.execute("PRAGMA user_version = 1")
+        db.execute(
+            "INSERT INTO jobs VALUES (?, '[{}]', '[{}]', 'completed', NULL, 't0', 't1', NULL, 1,"
+            " NULL)",
+            (OTHER,),
+        )
+        db.execute(
+            "INSERT INTO jobs VALUES (?, '[{\"a\":1}]', NULL, 'processing', NULL, 't0', 't0',"
+            " 'dead', 1, ?)",
+            (JOB, clock.now - 1),
+        )
+    job_store = SQLiteJobStore(db_path, POLICY, clock=clock)
+    await job_store.open()
+    try:
+        done = await job_store.get_job(OTHER, with_output=True)
+        assert done is not None
+        assert (done.status, done.output_data) == (JobStatus.COMPLETED, "[{}]")
+        [claim] = await job_store.claim_stale("rescuer", 10)  # the dead owner's lease expired
+        assert (claim.job_id, claim.attempt) == (JOB, 2)
+        assert await job_store.load_input(JOB) == '[{"a":1}]'
+    finally:
+        await job_store.close()
+    with closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_claims_and_heartbeats_do_not_rewrite_the_jobs_row(
+    store: SQLiteJobStore, db_path: Path, clock: FakeClock
+) -> None:
+    # SQLite rewrites a whole row when any column changes; a megabyte input must not be
+    # rewritten by every claim and heartbeat. The jobs row's change counter stays put.
+    await store.create_job(JOB, '["' + "x" * 1_000_000 + '"]')
+    with closing(sqlite3.connect(db_path)) as db:
+        before = db.execute("SELECT rowid, updated_at FROM jobs").fetchone()
+    claim = await store.claim(JOB, "me")
+    assert claim is not None
+    for _ in range(3):
+        clock.advance(1)
+        assert await store.renew([claim]) == {JOB}
+    with closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("SELECT rowid, updated_at FROM jobs").fetchone() == before
+        [(leases,)] = db.execute("SELECT count(*) FROM job_leases").fetchall()
+    assert leases == 1

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from app.batching import Batcher
 from app.schemas import JobStatus
 from app.store import (
     INTERRUPTED_TOO_OFTEN,
@@ -23,7 +24,6 @@ from app.store import (
     StoreUnavailableError,
     iso_utc,
 )
-from app.batching import Batcher
 
 T = TypeVar("T")
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how many ran.
 MIGRATIONS: Sequence[str] = (
+    # 1: the seed's table, with lease columns.
     """
     CREATE TABLE jobs (
         job_id      TEXT PRIMARY KEY,
@@ -44,43 +45,76 @@ MIGRATIONS: Sequence[str] = (
         attempts    INTEGER NOT NULL DEFAULT 0,
         lease_until REAL
     );
-    CREATE INDEX jobs_processing_by_lease ON jobs (lease_until) WHERE status = 'processing';
+    CREATE INDEX jobs_processing_by_lease ON jobs (lease_until) WHERE status = 'processing'
+    """,
+    # 2: SQLite rewrites a whole row, input and output included, whenever any column of it
+    # changes, and reads through the large columns to reach the ones stored after them. So the
+    # lease state, changed by every claim and heartbeat, moves to a table of its own (a row
+    # per processing job), and the jobs table is rebuilt with its large columns last.
+    """
+    CREATE TABLE jobs_v2 (
+        job_id      TEXT PRIMARY KEY,
+        status      TEXT NOT NULL CHECK (status IN ('processing', 'completed', 'failed')),
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        error       TEXT,
+        input_data  TEXT NOT NULL,
+        output_data TEXT
+    );
+    INSERT INTO jobs_v2 (job_id, status, created_at, updated_at, error, input_data, output_data)
+        SELECT job_id, status, created_at, updated_at, error, input_data, output_data FROM jobs;
+    CREATE TABLE job_leases (
+        job_id      TEXT PRIMARY KEY,
+        owner       TEXT,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        lease_until REAL NOT NULL
+    );
+    INSERT INTO job_leases (job_id, owner, attempts, lease_until)
+        SELECT job_id, owner, attempts, coalesce(lease_until, 0) FROM jobs
+        WHERE status = 'processing';
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v2 RENAME TO jobs;
+    CREATE INDEX job_leases_by_lease ON job_leases (lease_until)
     """,
 )
 
-# A lease is live while lease_until >= now; an unclaimed job's lease_until is its grace deadline.
-_FAIL_EXHAUSTED = """
-    UPDATE jobs SET status = 'failed', error = ?, owner = NULL, lease_until = NULL, updated_at = ?
-    WHERE status = 'processing' AND lease_until < ? AND attempts >= ?
+# A lease is live while lease_until >= now; an unclaimed job's lease_until is its grace
+# deadline. A job has a job_leases row exactly while it is processing.
+_INSERT_JOB = """
+    INSERT INTO jobs (job_id, status, created_at, updated_at, input_data)
+    VALUES (?, 'processing', ?, ?, ?)
+"""
+_INSERT_LEASE = "INSERT INTO job_leases (job_id, lease_until) VALUES (?, ?)"
+# Claims and finishes of one batch are each one statement; RETURNING says which landed.
+_CLAIM_MANY = """
+    UPDATE job_leases SET owner = ?, attempts = attempts + 1, lease_until = ?
+    WHERE job_id IN ({ids}) AND attempts < ? AND (owner IS NULL OR lease_until < ?)
     RETURNING job_id, attempts
 """
+_END_LEASES = """
+    DELETE FROM job_leases WHERE (job_id, owner, attempts) IN (VALUES {rows})
+    RETURNING job_id
+"""
+_RECORD_OUTCOME = """
+    UPDATE jobs SET status = ?, output_data = ?, error = ?, updated_at = ? WHERE job_id = ?
+"""
+_FAIL_EXHAUSTED = """
+    DELETE FROM job_leases WHERE lease_until < ? AND attempts >= ? RETURNING job_id
+"""
 _CLAIM_STALE = """
-    UPDATE jobs SET owner = ?, attempts = attempts + 1, lease_until = ?, updated_at = ?
+    UPDATE job_leases SET owner = ?, attempts = attempts + 1, lease_until = ?
     WHERE job_id IN (
-        SELECT job_id FROM jobs WHERE status = 'processing' AND lease_until < ?
+        SELECT job_id FROM job_leases WHERE lease_until < ? AND attempts < ?
         ORDER BY lease_until LIMIT ?
     )
     RETURNING job_id, attempts
 """
-_INSERT = """
-    INSERT INTO jobs (job_id, input_data, status, created_at, updated_at, lease_until)
-    VALUES (?, ?, 'processing', ?, ?, ?)
+_RENEW = """
+    UPDATE job_leases SET lease_until = ? WHERE job_id = ? AND owner = ? AND attempts = ?
 """
-# Claims and finishes of one batch are each one statement; RETURNING says which landed.
-_CLAIM_MANY = """
-    UPDATE jobs SET owner = ?, attempts = attempts + 1, lease_until = ?, updated_at = ?
-    WHERE job_id IN ({ids}) AND status = 'processing' AND attempts < ?
-      AND (owner IS NULL OR lease_until < ?)
-    RETURNING job_id, attempts
-"""
-_FINISH_MANY = """
-    WITH outcome (job_id, owner, attempt, status, output_data, error) AS (VALUES {rows})
-    UPDATE jobs SET status = outcome.status, output_data = outcome.output_data,
-                    error = outcome.error, owner = NULL, lease_until = NULL, updated_at = ?
-    FROM outcome
-    WHERE jobs.job_id = outcome.job_id AND jobs.owner = outcome.owner
-      AND jobs.attempts = outcome.attempt AND jobs.status = 'processing'
-    RETURNING jobs.job_id
+_RELEASE = """
+    UPDATE job_leases SET owner = NULL, lease_until = ?
+    WHERE job_id = ? AND owner = ? AND attempts = ?
 """
 _STATUS_MANY = """
     SELECT job_id, status, created_at, updated_at, error FROM jobs WHERE job_id IN ({ids})
@@ -114,6 +148,15 @@ _Write = _Insert | _Claim | _Finish
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _fence(claim: Claim) -> tuple[str, str, int]:
+    """What must still match for a claim to act: the job, its owner and the attempt."""
+    return claim.job_id, claim.owner, claim.attempt
+
+
+def _status(error: str | None) -> JobStatus:
+    return JobStatus.FAILED if error is not None else JobStatus.COMPLETED
 
 
 def _marks(count: int, width: int = 1) -> str:
@@ -282,8 +325,9 @@ class SQLiteJobStore:
             if inserts:
                 deadline = now + self._policy.claim_grace_seconds
                 stamp = iso_utc(now)
-                rows = [(op.job_id, op.input_json, stamp, stamp, deadline) for _, op in inserts]
-                await db.executemany(_INSERT, rows)
+                jobs = [(op.job_id, stamp, stamp, op.input_json) for _, op in inserts]
+                await db.executemany(_INSERT_JOB, jobs)
+                await db.executemany(_INSERT_LEASE, [(op.job_id, deadline) for _, op in inserts])
                 results.update((i, None) for i, _ in inserts)
             claims = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Claim)]
             results.update(await self._apply_claims(db, claims, now))
@@ -301,7 +345,7 @@ class SQLiteJobStore:
             ids = list(dict.fromkeys(job_id for _, job_id in wanted))
             for chunk in _chunks(ids):
                 sql = _CLAIM_MANY.format(ids=_marks(len(chunk)))
-                params = (owner, now + self._policy.lease_seconds, iso_utc(now), *chunk)
+                params = (owner, now + self._policy.lease_seconds, *chunk)
                 rows = await db.execute_fetchall(sql, (*params, self._policy.max_attempts, now))
                 attempts.update((job_id, attempt) for job_id, attempt in rows)
             for i, job_id in wanted:
@@ -313,25 +357,21 @@ class SQLiteJobStore:
     async def _apply_finishes(
         self, db: aiosqlite.Connection, finishes: list[tuple[int, _Finish]], now: float
     ) -> dict[int, bool]:
-        landed: set[tuple[str, str, int]] = set()
+        """End the leases still held by these claims, then record those jobs' outcomes."""
+        landed: set[str] = set()
         for chunk in _chunks(finishes):
-            params: list[Any] = []
-            for _, op in chunk:
-                status = JobStatus.FAILED if op.error is not None else JobStatus.COMPLETED
-                claim = op.claim
-                params += [claim.job_id, claim.owner, claim.attempt, status.value]
-                params += [op.output_json, op.error]
-            sql = _FINISH_MANY.format(rows=_marks(len(chunk), width=6))
-            rows = await db.execute_fetchall(sql, (*params, iso_utc(now)))
-            finished = {job_id for (job_id,) in rows}
-            landed.update(
-                (op.claim.job_id, op.claim.owner, op.claim.attempt)
-                for _, op in chunk
-                if op.claim.job_id in finished
-            )
-        return {
-            i: (op.claim.job_id, op.claim.owner, op.claim.attempt) in landed for i, op in finishes
-        }
+            fences = [value for _, op in chunk for value in _fence(op.claim)]
+            sql = _END_LEASES.format(rows=_marks(len(chunk), width=3))
+            landed.update(job_id for (job_id,) in await db.execute_fetchall(sql, fences))
+        stamp = iso_utc(now)
+        outcomes = [
+            (_status(op.error).value, op.output_json, op.error, stamp, op.claim.job_id)
+            for _, op in finishes
+            if op.claim.job_id in landed
+        ]
+        if outcomes:
+            await db.executemany(_RECORD_OUTCOME, outcomes)
+        return {i: op.claim.job_id in landed for i, op in finishes}
 
     async def get_job(self, job_id: str, *, with_output: bool = False) -> JobRecord | None:
         """Return the job, with its output only if asked (it can be megabytes)."""
@@ -351,9 +391,8 @@ class SQLiteJobStore:
         found: dict[str, JobRecord] = {}
         unique = list(dict.fromkeys(job_ids))
         for chunk in _chunks(unique):
-            for job_id, status, created_at, updated_at, error in await self._read(
-                _STATUS_MANY.format(ids=_marks(len(chunk))), chunk
-            ):
+            rows = await self._read(_STATUS_MANY.format(ids=_marks(len(chunk))), chunk)
+            for job_id, status, created_at, updated_at, error in rows:
                 found[job_id] = JobRecord(
                     job_id, JobStatus(status), created_at, updated_at, None, error
                 )
@@ -372,17 +411,21 @@ class SQLiteJobStore:
     async def claim_stale(self, owner: str, limit: int) -> list[Claim]:
         """Fail stale jobs that used up their attempts, then claim up to ``limit`` others."""
         now = self._clock()
-        updated = iso_utc(now)
         async with self._writing() as db:
-            for job_id, attempts in await db.execute_fetchall(
-                _FAIL_EXHAUSTED,
-                (self._exhausted_error, updated, now, self._policy.max_attempts),
-            ):
-                logger.error("job %s failed: started %d times, never finished", job_id, attempts)
+            exhausted = await db.execute_fetchall(_FAIL_EXHAUSTED, (now, self._policy.max_attempts))
+            if exhausted:
+                failed = [
+                    (JobStatus.FAILED.value, None, self._exhausted_error, iso_utc(now), job_id)
+                    for (job_id,) in exhausted
+                ]
+                await db.executemany(_RECORD_OUTCOME, failed)
+                for (job_id,) in exhausted:
+                    logger.error("job %s failed: %s", job_id, self._exhausted_error)
             if limit <= 0:
                 return []
             rows = await db.execute_fetchall(
-                _CLAIM_STALE, (owner, now + self._policy.lease_seconds, updated, now, limit)
+                _CLAIM_STALE,
+                (owner, now + self._policy.lease_seconds, now, self._policy.max_attempts, limit),
             )
         return [Claim(job_id, owner, attempt) for job_id, attempt in rows]
 
@@ -395,11 +438,7 @@ class SQLiteJobStore:
         held: set[str] = set()
         async with self._writing() as db:
             for claim in claims:
-                cursor = await db.execute(
-                    "UPDATE jobs SET lease_until = ? WHERE job_id = ? AND owner = ?"
-                    " AND attempts = ? AND status = 'processing'",
-                    (until, claim.job_id, claim.owner, claim.attempt),
-                )
+                cursor = await db.execute(_RENEW, (until, *_fence(claim)))
                 if cursor.rowcount == 1:
                     held.add(claim.job_id)
         return held
@@ -413,8 +452,4 @@ class SQLiteJobStore:
         """Drop these leases now so the next sweep, here or elsewhere, takes the jobs."""
         now = self._clock()
         async with self._writing() as db:
-            await db.executemany(
-                "UPDATE jobs SET owner = NULL, lease_until = ? WHERE job_id = ? AND owner = ?"
-                " AND attempts = ? AND status = 'processing'",
-                [(now, c.job_id, c.owner, c.attempt) for c in claims],
-            )
+            await db.executemany(_RELEASE, [(now, *_fence(claim)) for claim in claims])
