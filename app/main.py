@@ -22,7 +22,7 @@ from app.config import Settings
 from app.runner import JobRunner
 from app.schemas import job_request_schema
 from app.store import StoreCorruptError, StoreUnavailableError, open_store
-from app.workers import CpuWorkers
+from app.workers import CpuWorkers, return_large_buffers_to_the_system
 
 logger = logging.getLogger("app")
 
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
+        return_large_buffers_to_the_system()
         store = open_store(settings)
         try:
             await store.open()
