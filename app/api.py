@@ -143,6 +143,7 @@ async def submit_job(
         raise HTTPException(400, str(error)) from None
     except InvalidJobRequestError as error:
         return JSONResponse({"detail": error.errors}, status_code=422)
+    del body  # megabytes for a large job; not needed while the job is stored and run
     _require_accepting(runner)  # shutdown may have begun while the body was read
     job_id = str(uuid.uuid4())
     await services.store.create_job(job_id, input_json)
@@ -279,14 +280,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         _too_large(limit)
-    chunks = []
-    size = 0
+    body = bytearray()  # grown in place: no list of chunks alive beside their join
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return bytes(body)
 
 
 def _too_large(limit: int) -> NoReturn:

@@ -151,7 +151,7 @@ def expand_reduce_json(input_json: str) -> str:
     process boundary as one string rather than as many small objects. Input in the layout of
     ``items_json`` (one object per line) is parsed and transformed a batch at a time.
     """
-    parts: list[bytes] = []
+    parts: list[str] = []
     offset = 0
     for items in _batches(input_json):
         try:
@@ -159,9 +159,9 @@ def expand_reduce_json(input_json: str) -> str:
         except KeyCollisionError as error:
             raise KeyCollisionError(error.key, offset + (error.item_index or 0)) from None
         if merged:
-            parts.append(orjson.dumps(merged)[1:-1])
+            parts.append(orjson.dumps(merged).decode()[1:-1])
         offset += len(items)
-    return "[" + b",".join(parts).decode() + "]"
+    return _bracketed(parts, ",")
 
 
 def items_json(items: Sequence[JSONObject]) -> str:
@@ -171,14 +171,23 @@ def items_json(items: Sequence[JSONObject]) -> str:
     """
     # Each bytes object orjson returns keeps its whole growth buffer (kilobytes for a small
     # object), so they are decoded one at a time rather than all kept until the join.
-    return "[\n" + ",\n".join(orjson.dumps(item).decode() for item in items) + "\n]"
+    return _bracketed([orjson.dumps(item).decode() for item in items], ",\n", "\n")
+
+
+def _bracketed(parts: list[str], separator: str, padding: str = "") -> str:
+    """``[`` + the parts joined + ``]`` in one join: megabytes are not copied once more."""
+    if not parts:
+        return "[]"
+    parts[0] = "[" + padding + parts[0]
+    parts[-1] = parts[-1] + padding + "]"
+    return separator.join(parts)
 
 
 def _batches(input_json: str) -> Iterator[list[JSONObject]]:
     if not input_json.startswith("[\n"):
         yield orjson.loads(input_json)
         return
-    lines = input_json[2:-2].split("\n")
+    lines = input_json.split("\n")[1:-1]  # without the "[" and "]" lines
     for start in range(0, len(lines), BATCH_ITEMS):
         batch = ",".join(line.rstrip(",") for line in lines[start : start + BATCH_ITEMS])
         yield orjson.loads("[" + batch + "]")

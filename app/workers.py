@@ -6,7 +6,9 @@ GIL and ``GET /check_status`` stays fast. Inputs cross as one string, not as man
 """
 
 import asyncio
+import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -53,7 +55,7 @@ class CpuWorkers:
             return await asyncio.to_thread(function, payload)
         pool = self._process_pool()
         try:
-            return await asyncio.wrap_future(pool.submit(function, payload))
+            return await asyncio.wrap_future(pool.submit(_then_trim, function, payload))
         except BrokenProcessPool as error:
             self._discard(pool)
             raise WorkerCrashedError("the worker process died while running this task") from error
@@ -119,6 +121,20 @@ def return_large_buffers_to_the_system() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
     except (OSError, AttributeError):
         pass
+
+
+def _then_trim(function: Callable[[Payload], T], payload: Payload) -> T:
+    """In a worker: run the task, then hand the memory its objects freed back to the system.
+
+    Otherwise what one large task freed stays in the heap, and the next task's peak is added
+    on top of it: validating a body then running its job peaked at 141 MB instead of ~100.
+    """
+    try:
+        return function(payload)
+    finally:
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _start_worker(parent_pid: int) -> None:
