@@ -57,7 +57,7 @@ class InvalidJobRequestError(ValueError):
 
 
 def parse_job_request(body: bytes, limits: RequestLimits) -> str:
-    """Validate a submission body; return its ``input_data`` as compact JSON text.
+    """Validate a submission body; return its ``input_data`` as JSON text, one object a line.
 
     Raises InvalidJSONError for a body that does not parse and InvalidJobRequestError, naming
     every offending place (up to a bound), for one that parses but is not a valid job.
