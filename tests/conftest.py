@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import closing
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -49,11 +50,30 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
         yield application
 
 
+def asgi_client(app: FastAPI, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+    """An async client talking to ``app`` in-process, over ASGI."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A started app with these settings, and a client for it."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application), asgi_client(application) as c:
+        yield c
+
+
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        yield client
+    async with asgi_client(app) as asgi:
+        yield asgi
+
+
+async def result_once_finished(client: httpx.AsyncClient, job_id: str, seconds: float = 10) -> Any:
+    """Wait for the job to finish and return its ``result``."""
+    await wait_finished(client, job_id, seconds)
+    return (await client.get(f"/job_result/{job_id}")).json()["result"]
 
 
 async def wait_finished(client: httpx.AsyncClient, job_id: str, seconds: float = 10) -> str:

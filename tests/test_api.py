@@ -11,9 +11,14 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
-from app.main import create_app
 from app.store import StoreUnavailableError
-from tests.conftest import count_jobs, wait_finished
+from tests.conftest import (
+    asgi_client,
+    count_jobs,
+    result_once_finished,
+    serving,
+    wait_finished,
+)
 
 JOB = {"job": {"input_data": [{"1": "2", "3": "4", "5": "6", "7": "8"}, {"key1": "value1"}]}}
 RESULT = [{"1 5": "2 6", "3 7": "4 8"}, {"key1": "value1"}]
@@ -178,8 +183,7 @@ async def test_every_invalid_item_is_reported_up_to_a_bound(client: httpx.AsyncC
 async def test_scalar_values_of_every_json_type_are_accepted(client: httpx.AsyncClient) -> None:
     body = {"job": {"input_data": [{"s": "x", "i": 1, "f": 1.5, "t": True, "n": None}]}}
     job_id = (await submit(client, body)).json()["job_id"]
-    await wait_finished(client, job_id)
-    result = (await client.get(f"/job_result/{job_id}")).json()["result"]
+    result = await result_once_finished(client, job_id)
     assert result == [{"s f": "x 1.5", "i t": "1 true", "n": None}]
 
 
@@ -196,11 +200,8 @@ def small_limits(db_path: Path) -> Settings:
 
 @pytest.fixture
 async def limited_client(small_limits: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(small_limits)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client
+    async with serving(small_limits) as client:
+        yield client
 
 
 async def test_more_items_than_the_limit_is_422(
@@ -305,8 +306,7 @@ async def test_internal_error_is_500_without_a_traceback(
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(app.state.services.store, "get_job", broken)
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with asgi_client(app, raise_app_exceptions=False) as client:
         response = await client.get(f"/check_status/{uuid.uuid4()}")
     assert response.status_code == 500
     assert response.json() == {"detail": "Internal server error"}
@@ -365,15 +365,11 @@ async def test_large_bodies_and_jobs_go_through_a_worker_process(db_path: Path) 
     settings = Settings(
         database_url=f"sqlite:///{db_path}", flow_processes=1, flow_process_threshold_bytes=1
     )
-    app = create_app(settings)
     items = [{f"k{k}": f"v{i}-{k}" for k in range(5)} for i in range(3000)]
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            job_id = (await submit(client, {"job": {"input_data": items}})).json()["job_id"]
-            await wait_finished(client, job_id, seconds=60)
-            result = (await client.get(f"/job_result/{job_id}")).json()["result"]
-            bad = await submit(client, {"job": {"input_data": [*items, {"k": []}]}})
+    async with serving(settings) as client:
+        job_id = (await submit(client, {"job": {"input_data": items}})).json()["job_id"]
+        result = await result_once_finished(client, job_id, seconds=60)
+        bad = await submit(client, {"job": {"input_data": [*items, {"k": []}]}})
     assert result[1234] == {"k0 k2": "v1234-0 v1234-2", "k1 k3": "v1234-1 v1234-3", "k4": "v1234-4"}
     assert len(result) == 3000
     assert bad.status_code == 422

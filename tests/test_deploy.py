@@ -22,8 +22,7 @@ import pytest
 import yaml
 
 from app.config import Settings
-from app.main import create_app
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, serving
 
 BIN = Path(sys.executable).parent
 KUBERNETES_VERSION = "1.37.0"
@@ -152,17 +151,15 @@ def test_selectors_match_the_pod_labels() -> None:
 
 
 async def test_probe_paths_exist_and_answer_200(tmp_path: Path) -> None:
-    app = create_app(Settings(database_url=f"sqlite:///{tmp_path}/jobs.db", flow_processes=0))
     paths = {
         container()[probe]["httpGet"]["path"]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe")
     }
     assert paths == {"/healthz", "/readyz"}
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            for path in paths:
-                assert (await client.get(path)).status_code == 200, path
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/jobs.db", flow_processes=0)
+    async with serving(settings) as client:
+        for path in paths:
+            assert (await client.get(path)).status_code == 200, path
 
 
 def test_image_name_matches_the_readme_build_commands() -> None:

@@ -7,8 +7,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.main import create_app
-from tests.conftest import count_jobs, wait_finished
+from tests.conftest import count_jobs, result_once_finished, serving
 
 JSON = {"content-type": "application/json"}
 
@@ -73,8 +72,7 @@ async def test_escaped_backslash_before_u0000_is_not_mistaken_for_nul(
 ) -> None:
     response = await post_raw(client, b'{"job": {"input_data": [{"k": "\\\\u0000"}]}}')
     assert response.status_code == 202
-    await wait_finished(client, response.json()["job_id"])
-    result = (await client.get(f"/job_result/{response.json()['job_id']}")).json()["result"]
+    result = await result_once_finished(client, response.json()["job_id"])
     assert result == [{"k": "\\u0000"}]
 
 
@@ -83,16 +81,14 @@ async def test_duplicate_keys_in_one_object_keep_the_last_value(
 ) -> None:
     response = await post_raw(client, b'{"job": {"input_data": [{"a": "1", "b": "2", "a": "3"}]}}')
     assert response.status_code == 202
-    await wait_finished(client, response.json()["job_id"])
-    result = (await client.get(f"/job_result/{response.json()['job_id']}")).json()["result"]
+    result = await result_once_finished(client, response.json()["job_id"])
     assert result == [{"a b": "3 2"}]
 
 
 async def test_unicode_keys_and_values_round_trip(client: httpx.AsyncClient) -> None:
     body = {"job": {"input_data": [{"ключ": "значение", "🔑": "✓", "k": "\u2028"}]}}
     response = await client.post("/expand_reduce_flow/", json=body)
-    await wait_finished(client, response.json()["job_id"])
-    result = (await client.get(f"/job_result/{response.json()['job_id']}")).json()["result"]
+    result = await result_once_finished(client, response.json()["job_id"])
     assert result == [{"ключ 🔑": "значение ✓", "k": "\u2028"}]
 
 
@@ -104,11 +100,8 @@ async def short_strings(db_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         max_key_length=8,
         max_value_length=16,
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client
+    async with serving(settings) as client:
+        yield client
 
 
 async def test_very_long_key_is_422(short_strings: httpx.AsyncClient, db_path: Path) -> None:

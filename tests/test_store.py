@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from app.schemas import JobStatus
-from app.store import LeasePolicy, StoreCorruptError
+from app.store import Claim, LeasePolicy, StoreCorruptError
 from app.store.sqlite import MIGRATIONS, SQLiteJobStore
 
 JOB = "11111111-1111-4111-8111-111111111111"
@@ -41,6 +41,14 @@ async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[SQLiteJobStore
     await job_store.open()
     yield job_store
     await job_store.close()
+
+
+async def claimed(store: SQLiteJobStore, input_json: str = "[{}]", owner: str = "me") -> Claim:
+    """A new job (JOB), claimed by ``owner``."""
+    await store.create_job(JOB, input_json)
+    claim = await store.claim(JOB, owner)
+    assert claim is not None
+    return claim
 
 
 def columns(db_path: Path) -> dict[str, str]:
@@ -77,9 +85,7 @@ async def test_reopening_an_existing_database_keeps_its_jobs(
 async def test_input_and_output_are_stored_as_real_json(
     store: SQLiteJobStore, db_path: Path
 ) -> None:
-    await store.create_job(JOB, '[{"a":1,"b":"x"}]')
-    claim = await store.claim(JOB, "me")
-    assert claim is not None
+    claim = await claimed(store, '[{"a":1,"b":"x"}]')
     assert await store.finish(claim, output_json='[{"a b":"1 x"}]', error=None)
     with closing(sqlite3.connect(db_path)) as db:
         row = db.execute("SELECT input_data, output_data FROM jobs").fetchone()
@@ -90,9 +96,7 @@ async def test_input_and_output_are_stored_as_real_json(
 async def test_timestamps_are_iso_8601_utc_and_updated_on_finish(
     store: SQLiteJobStore, clock: FakeClock
 ) -> None:
-    await store.create_job(JOB, "[{}]")
-    claim = await store.claim(JOB, "me")
-    assert claim is not None
+    claim = await claimed(store)
     clock.advance(2)
     await store.finish(claim, output_json="[{}]", error=None)
     job = await store.get_job(JOB, with_output=True)
@@ -112,9 +116,7 @@ async def test_a_live_lease_cannot_be_claimed_by_another_owner(store: SQLiteJobS
 async def test_a_stalled_claimants_late_finish_is_rejected(
     store: SQLiteJobStore, clock: FakeClock
 ) -> None:
-    await store.create_job(JOB, "[{}]")
-    stalled = await store.claim(JOB, "stalled")
-    assert stalled is not None
+    stalled = await claimed(store, owner="stalled")
     clock.advance(POLICY.lease_seconds + 1)
     [taken] = await store.claim_stale("rescuer", 10)
     assert (taken.owner, taken.attempt) == ("rescuer", 2)
@@ -129,9 +131,7 @@ async def test_a_stalled_claimants_late_finish_is_rejected(
 async def test_heartbeat_keeps_a_lease_alive_past_its_first_expiry(
     store: SQLiteJobStore, clock: FakeClock
 ) -> None:
-    await store.create_job(JOB, "[{}]")
-    claim = await store.claim(JOB, "me")
-    assert claim is not None
+    claim = await claimed(store)
     clock.advance(POLICY.lease_seconds - 1)
     assert await store.renew([claim]) == {JOB}
     clock.advance(POLICY.lease_seconds - 1)
@@ -179,9 +179,7 @@ async def test_job_interrupted_max_attempts_times_is_failed_not_left_processing(
 
 
 async def test_released_job_can_be_claimed_at_once(store: SQLiteJobStore, clock: FakeClock) -> None:
-    await store.create_job(JOB, "[{}]")
-    claim = await store.claim(JOB, "leaving")
-    assert claim is not None
+    claim = await claimed(store, owner="leaving")
     await store.release([claim])
     clock.advance(0.001)
     [taken] = await store.claim_stale("next", 10)
@@ -189,9 +187,7 @@ async def test_released_job_can_be_claimed_at_once(store: SQLiteJobStore, clock:
 
 
 async def test_failed_outcome_keeps_the_error_and_no_output(store: SQLiteJobStore) -> None:
-    await store.create_job(JOB, "[{}]")
-    claim = await store.claim(JOB, "me")
-    assert claim is not None
+    claim = await claimed(store)
     assert await store.finish(claim, output_json=None, error="it broke")
     job = await store.get_job(JOB, with_output=True)
     assert job is not None
