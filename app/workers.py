@@ -51,7 +51,7 @@ class CpuWorkers:
 
     async def run(self, function: Callable[[Payload], T], payload: Payload) -> T:
         """Run ``function(payload)`` off the event loop, in a process if the payload is large."""
-        if self._processes == 0 or len(payload) < self._threshold:
+        if not self._goes_to_a_process(payload):
             return await asyncio.to_thread(function, payload)
         pool = self._process_pool()
         try:
@@ -62,12 +62,15 @@ class CpuWorkers:
 
     async def run_flow(self, input_json: str) -> str:
         """Run ExpandReduceFlow on a job's input JSON; return its result JSON."""
-        if self._processes > 0 and len(input_json) >= self._threshold:
+        if self._goes_to_a_process(input_json):
             return await self.run(expand_reduce_json, input_json)
         outcome = await self._small_flows.submit(input_json)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    def _goes_to_a_process(self, payload: str | bytes) -> bool:
+        return self._processes > 0 and len(payload) >= self._threshold
 
     @staticmethod
     async def _run_small_flows(inputs: Sequence[str]) -> list[str | Exception]:
