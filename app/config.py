@@ -29,16 +29,20 @@ class Settings(BaseSettings):
     flow_concurrency: int = Field(
         32,
         gt=0,
-        description="Jobs one process runs at the same time (large ones: at most "
-        "FLOW_PROCESSES of them).",
+        description="Jobs one process runs at the same time (large ones: one at a time, or "
+        "one per worker process).",
     )
     flow_processes: int = Field(
-        1, ge=0, description="Worker processes for large jobs and bodies; 0 runs all in threads."
+        0,
+        ge=0,
+        description="Worker processes for large jobs and bodies; 0 handles them one at a time "
+        "on a thread of their own.",
     )
     flow_process_threshold_bytes: int = Field(
         128 * 1024,
         ge=0,
-        description="Jobs and bodies at least this large are handled in a worker process.",
+        description="Jobs and bodies at least this large are large: handled one at a time, or "
+        "in a worker process.",
     )
     job_lease_seconds: float = Field(
         30.0, gt=0, description="How long a claim on a running job lasts without a heartbeat."

@@ -134,8 +134,26 @@ class ExpandReduceFlow(Flow):  # type: ignore[misc]  # uniflow ships no type hin
 
 def expand_reduce(items: Sequence[JSONObject]) -> list[dict[str, JSONScalar]]:
     """Run ExpandReduceFlow over one job's objects; one output object per input, in order."""
-    output: list[dict[str, JSONScalar]] = ExpandReduceFlow()(items)[OUTPUT_NAME][0]
+    result = ExpandReduceFlow()(items)
+    _unlink(result[ROOT_NAME])
+    output: list[dict[str, JSONScalar]] = result[OUTPUT_NAME][0]
     return output
+
+
+def _unlink(root: Node) -> None:
+    """Break the links between the flow's nodes, which point at each other both ways.
+
+    Otherwise the nodes, and the objects they hold, live on as reference cycles until the
+    garbage collector's next full pass; unlinked, they are freed as soon as they are dropped.
+    """
+    pending, seen = [root], set()
+    while pending:
+        node = pending.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            pending.extend(node.next_nodes)
+            node.next_nodes.clear()
+            node.prev_nodes.clear()
 
 
 # A large job runs as consecutive flows over this many objects each: the job's objects are

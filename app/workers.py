@@ -8,14 +8,13 @@ GIL and ``GET /check_status`` stays fast. Inputs cross as one string, not as man
 import asyncio
 import contextlib
 import ctypes
-import gc
 import logging
 import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
@@ -40,6 +39,9 @@ class CpuWorkers:
         self._processes = processes
         self._threshold = threshold_bytes
         self._pool: ProcessPoolExecutor | None = None
+        # Without worker processes, large payloads take turns on one thread of their own: one
+        # large payload's memory at a time, in one malloc arena that is trimmed after each.
+        self._large_thread: ThreadPoolExecutor | None = None
         # Small flows started at the same moment share one trip to a thread.
         self._small_flows: Batcher[str, str | Exception] = Batcher(self._run_small_flows)
 
@@ -51,8 +53,13 @@ class CpuWorkers:
 
     async def run(self, function: Callable[[Payload], T], payload: Payload) -> T:
         """Run ``function(payload)`` off the event loop, in a process if the payload is large."""
-        if not self._goes_to_a_process(payload):
+        if not self._is_large(payload):
             return await asyncio.to_thread(function, payload)
+        if self._processes == 0:
+            if self._large_thread is None:
+                self._large_thread = ThreadPoolExecutor(1, thread_name_prefix="large-payloads")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._large_thread, _then_trim, function, payload)
         pool = self._process_pool()
         try:
             return await asyncio.wrap_future(pool.submit(_then_trim, function, payload))
@@ -62,15 +69,15 @@ class CpuWorkers:
 
     async def run_flow(self, input_json: str) -> str:
         """Run ExpandReduceFlow on a job's input JSON; return its result JSON."""
-        if self._goes_to_a_process(input_json):
+        if self._is_large(input_json):
             return await self.run(expand_reduce_json, input_json)
         outcome = await self._small_flows.submit(input_json)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    def _goes_to_a_process(self, payload: str | bytes) -> bool:
-        return self._processes > 0 and len(payload) >= self._threshold
+    def _is_large(self, payload: str | bytes) -> bool:
+        return len(payload) >= self._threshold
 
     @staticmethod
     async def _run_small_flows(inputs: Sequence[str]) -> list[str | Exception]:
@@ -95,6 +102,9 @@ class CpuWorkers:
 
     def close(self) -> None:
         """Stop the worker processes; work still queued is dropped (its leases expire)."""
+        if self._large_thread is not None:
+            self._large_thread.shutdown(wait=False, cancel_futures=True)
+            self._large_thread = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -127,15 +137,16 @@ def return_large_buffers_to_the_system() -> None:
 
 
 def _then_trim(function: Callable[[Payload], T], payload: Payload) -> T:
-    """In a worker: run the task, then hand the memory its objects freed back to the system.
+    """Run a large task, then hand the memory its objects freed back to the system.
 
     Otherwise what one large task freed stays in the heap, and the next task's peak is added
     on top of it: validating a body then running its job peaked at 141 MB instead of ~100.
+    (No garbage collection is needed first: the flow leaves no reference cycles, and a full
+    collection in the server costs 30 ms.)
     """
     try:
         return function(payload)
     finally:
-        gc.collect()
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 

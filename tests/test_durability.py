@@ -91,12 +91,14 @@ def is_running(pid: int) -> bool:
 
 
 def test_kill_9_while_jobs_run_loses_nothing(tmp_path: Path) -> None:
+    """With a worker process (FLOW_PROCESSES=1), which must not outlive its server either."""
     db_path = tmp_path / "jobs.db"
     jobs = [big_job(n) for n in range(24)]
-    first = start_server(db_path, tmp_path / "first.log", FAST_RECOVERY)
+    first = start_server(db_path, tmp_path / "first.log", FAST_RECOVERY | {"FLOW_PROCESSES": "1"})
     ids = submit_all(first, jobs)
     wait_until_some_completed(db_path)
     workers = children_of(first.process.pid)
+    assert workers, "no worker process was started"
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
 

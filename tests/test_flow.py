@@ -1,5 +1,6 @@
 """ExpandReduceFlow: the split/merge contract, and the flow as uniflow runs it."""
 
+import gc
 import string
 from typing import Any
 
@@ -198,3 +199,16 @@ def test_collision_in_a_later_batch_names_the_item_by_its_place_in_the_job(
     with pytest.raises(KeyCollisionError) as caught:
         expand_reduce_json(items_json(items))
     assert caught.value.item_index == 5
+
+
+def test_a_run_leaves_no_reference_cycles_behind() -> None:
+    """uniflow's nodes link to each other both ways; left linked, a batch's objects would wait
+    for a full garbage collection (30 ms in the server) instead of being freed at once."""
+    items = [{"a": str(i), "b": "x", "c": "y"} for i in range(100)]
+    gc.collect()
+    gc.disable()
+    try:
+        assert expand_reduce(items)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
