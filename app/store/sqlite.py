@@ -1,6 +1,7 @@
 """The embedded SQLite backend (aiosqlite): one writer connection, one reader, WAL."""
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -26,6 +27,8 @@ from app.store import (
 )
 
 T = TypeVar("T")
+# Checkpoints run at most this often: each ends with a sync of the database file.
+CHECKPOINT_PAUSE_SECONDS = 0.05
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +221,9 @@ class SQLiteJobStore:
         self._exhausted_error = INTERRUPTED_TOO_OFTEN.format(attempts=policy.max_attempts)
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
+        self._wal_grew = asyncio.Event()
         # aiosqlite serialises calls, not transactions: without this lock another coroutine's
         # statement could land inside (and be committed or rolled back with) ours.
         self._write_lock = asyncio.Lock()
@@ -231,9 +237,14 @@ class SQLiteJobStore:
             self._writer = await self._connect()
             await self._writer.execute("PRAGMA journal_mode = WAL")
             await self._writer.execute(f"PRAGMA synchronous = {self._synchronous}")
+            # Checkpoints (copying the WAL into the database file) run on a connection of their
+            # own, beside the writes, rather than inside whichever commit crosses 1,000 pages.
+            await self._writer.execute("PRAGMA wal_autocheckpoint = 0")
             await self._migrate(self._writer)
             self._reader = await self._connect()
             await self._reader.execute("PRAGMA query_only = ON")
+            self._checkpointer = await self._connect()
+            self._checkpoints = asyncio.create_task(self._checkpoint_after_writes())
         except BaseException as error:
             await self.close()
             if isinstance(error, sqlite3.Error):
@@ -268,14 +279,35 @@ class SQLiteJobStore:
             await db.rollback()
             raise
 
+    async def _checkpoint_after_writes(self) -> None:
+        """Copy committed pages from the WAL into the database file soon after each write.
+
+        A passive checkpoint waits for nobody and nobody waits for it; committed data is
+        already durable in the WAL, so a checkpoint that fails or lags loses nothing.
+        """
+        assert self._checkpointer is not None
+        while True:
+            await self._wal_grew.wait()
+            self._wal_grew.clear()
+            try:
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as error:
+                logger.warning("checkpoint of %s failed: %s", self.path, error)
+            await asyncio.sleep(CHECKPOINT_PAUSE_SECONDS)
+
     async def close(self) -> None:
-        """Apply what is queued, then close both connections; safe to call twice."""
+        """Apply what is queued, then close the connections; safe to call twice."""
         await self._writes.flush()
         await self._status_reads.flush()
-        for db in (self._reader, self._writer):
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+            self._checkpoints = None
+        for db in (self._checkpointer, self._reader, self._writer):
             if db is not None:
                 await db.close()
-        self._reader = self._writer = None
+        self._checkpointer = self._reader = self._writer = None
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -286,6 +318,7 @@ class SQLiteJobStore:
             try:
                 yield self._writer
                 await self._writer.commit()
+                self._wal_grew.set()
             except sqlite3.Error as error:
                 await self._rollback_quietly()
                 raise _translate(error, self.path) from error
