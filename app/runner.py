@@ -67,11 +67,11 @@ class JobRunner:
             self._stopping = True
             self._drain_deadline = time.monotonic() + self._settings.shutdown_timeout_seconds
 
-    async def start_job(self, job_id: str, input_json: str | None = None) -> None:
-        """Hand a just-submitted job to a task of the runner's own and return at once.
+    def start_job(self, job_id: str, input_json: str | None = None) -> None:
+        """Hand a just-submitted (and committed) job to a task of the runner's own.
 
-        Called as the submit request's background task: a job waiting for a free slot then
-        holds only its id (and small input), not the whole finished request.
+        A job waiting for a free slot then holds only its id (and small input), not the
+        request it came with.
         """
         self._spawn(self.run_expand_reduce_flow(job_id, input_json))
 
