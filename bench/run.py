@@ -305,7 +305,9 @@ def measure_service(args: argparse.Namespace, work: Path, big_body: bytes) -> di
             seconds=args.seconds,
         )
 
-        big_seconds = run_big_job(server, big_body)  # alone, for the time figure
+        # Alone, for the time figure: the best of three, as for the bare computation.
+        big_runs = [run_big_job(server, big_body) for _ in range(3)]
+        big_seconds = min(big_runs)
         stall: dict[str, WrkResult] = {}
         poller = threading.Thread(
             target=lambda: stall.setdefault(
@@ -329,6 +331,7 @@ def measure_service(args: argparse.Namespace, work: Path, big_body: bytes) -> di
         "stored": stored,
         "accepted": accepted,
         "big_seconds": big_seconds,
+        "big_runs": big_runs,
         "stall": stall["result"],
         "peak_mib": server.peak_mib,
         "peaks": {server.names.get(pid, "?"): kib // 1024 for pid, kib in server.peak_kib.items()},
@@ -419,7 +422,8 @@ def main() -> None:
         f"accepted, {service['stored']} rows stored; status during the big job: "
         f"{stall.requests} requests, p50 {stall.p50_ms:.1f} ms, max {stall.max_ms:.0f} ms, "
         f"{stall.timeouts} over 2 s (timed out), {stall.errors} socket errors; "
-        f"{service['failed']} jobs failed; peak RSS by process (MB): {service['peaks']}"
+        f"{service['failed']} jobs failed; peak RSS by process (MB): {service['peaks']}; "
+        f"big job runs (s): {', '.join(f'{run:.2f}' for run in service['big_runs'])}"  # type: ignore[attr-defined]
     )
 
 
