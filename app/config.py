@@ -27,7 +27,7 @@ class Settings(BaseSettings):
         1_048_576, gt=0, description="Longest string value, in characters."
     )
     flow_concurrency: int = Field(
-        32,
+        64,
         gt=0,
         description="Jobs one process runs at the same time (large ones: one at a time, or "
         "one per worker process).",
