@@ -8,6 +8,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.schemas import RequestLimits
 
 MiB = 1024 * 1024
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for logs."""
+    scheme, separator, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not separator or not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{location}"
 
 
 class Settings(BaseSettings):
@@ -17,7 +28,8 @@ class Settings(BaseSettings):
 
     database_url: str = Field(
         "sqlite:///./data/jobs.db",
-        description="Where jobs are stored; sqlite:///relative/path or sqlite:////absolute/path.",
+        description="Where jobs are stored: sqlite:///relative/path, sqlite:////absolute/path "
+        "or postgresql://user:password@host:5432/database.",
     )
     max_body_bytes: int = Field(16 * MiB, gt=0, description="Largest accepted request body.")
     max_items: int = Field(100_000, gt=0, description="Most objects in one job's input_data.")
@@ -70,6 +82,20 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_ms: int = Field(
         5_000, ge=0, description="How long a write waits for SQLite's lock."
     )
+    database_pool_size: int = Field(
+        10, gt=0, description="PostgreSQL: most connections one process opens."
+    )
+    database_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="PostgreSQL: how long a request waits for a connection before it is "
+        "answered 503.",
+    )
+    database_startup_timeout_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="PostgreSQL: how long startup keeps trying to reach the database.",
+    )
     result_retry_after_seconds: int = Field(
         1, ge=1, description="Retry-After sent with a result that is not ready yet."
     )
@@ -78,9 +104,12 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _supported_database_url(cls, url: str) -> str:
+        if url.startswith(POSTGRES_SCHEMES) and len(url) > url.index("//") + 2:
+            return url
         if not url.startswith("sqlite:///") or url == "sqlite:///":
             raise ValueError(
-                f"Unsupported DATABASE_URL {url!r}: expected sqlite:///path/to/jobs.db"
+                f"Unsupported DATABASE_URL {redact(url)!r}: expected sqlite:///path/to/jobs.db "
+                "or postgresql://user:password@host:5432/database"
             )
         return url
 

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from app import api
-from app.config import Settings
+from app.config import Settings, redact
 from app.runner import JobRunner
 from app.schemas import job_request_schema
 from app.store import StoreCorruptError, StoreUnavailableError, open_store
@@ -34,6 +34,7 @@ DESCRIPTION = (
 )
 SWAGGER_ASSETS = "/static/swagger-ui"
 EXIT_CORRUPT_DATABASE = 78  # EX_CONFIG: the configuration (here, the database file) is wrong
+EXIT_DATABASE_UNAVAILABLE = 69  # EX_UNAVAILABLE: the database could not be reached in time
 
 
 def configure_logging(level: str) -> None:
@@ -89,13 +90,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # one line naming the file, and a process that does not come up.
             logger.critical("refusing to start: %s", error)
             os._exit(EXIT_CORRUPT_DATABASE)
+        except StoreUnavailableError as error:
+            logger.critical("cannot start: %s", error)
+            os._exit(EXIT_DATABASE_UNAVAILABLE)
         workers = CpuWorkers(settings.flow_processes, settings.flow_process_threshold_bytes)
         workers.start()
         runner = JobRunner(store, workers, settings)
         app.state.services = api.Services(settings, store, runner, workers)
         await runner.start()
         restore_signals = drain_on_signals(runner)
-        logger.info("serving jobs from %s as %s", settings.database_url, runner.owner)
+        logger.info("serving jobs from %s as %s", redact(settings.database_url), runner.owner)
         try:
             yield
         finally:

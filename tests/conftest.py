@@ -1,4 +1,10 @@
-"""Shared fixtures: settings on a fresh SQLite file, a started app, an async client, a server."""
+"""Shared fixtures: a fresh database of each backend, settings on it, an app, a client, a server.
+
+Tests that take ``database`` (or ``settings``, ``app``, ``client``) run once on SQLite and once
+on PostgreSQL. PostgreSQL is the server at TEST_POSTGRES_ADMIN_URL (by default the local one,
+user postgres); each test run creates a database of its own there and drops it at the end.
+Without a reachable server those tests skip, saying so, except under CI=true, where they fail.
+"""
 
 import asyncio
 import os
@@ -7,13 +13,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
 from hypothesis import HealthCheck
@@ -29,18 +38,106 @@ hypothesis_settings.register_profile(
 hypothesis_settings.load_profile("default")
 
 ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+BACKENDS = ["sqlite", "postgresql"]
+
+
+class FreshDatabase(Protocol):
+    """A fresh, empty database for one test, and a way to look into it from outside the app."""
+
+    @property
+    def url(self) -> str: ...
+
+    def count_jobs(self) -> int: ...
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]: ...
+
+
+@dataclass
+class SQLiteDatabase:
+    path: Path
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    def count_jobs(self) -> int:
+        return count_jobs(self.path)
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        with closing(sqlite3.connect(self.path)) as db:
+            return db.execute(sql).fetchall()
+
+
+@dataclass
+class PostgresDatabase:
+    url: str
+
+    def count_jobs(self) -> int:
+        (count,) = self.query("SELECT count(*) FROM jobs")[0]
+        return int(count)
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url, autocommit=True) as db:
+            cursor = db.execute(sql.encode())
+            return cursor.fetchall() if cursor.description else []
+
+    def reset(self) -> None:
+        """Drop every table, so the app creates the schema afresh."""
+        self.query("DROP TABLE IF EXISTS jobs, job_leases, schema_version, finishes CASCADE")
+
+
+def database_url(admin_url: str, name: str) -> str:
+    """``admin_url`` pointing at the database ``name`` instead."""
+    parts = urlsplit(admin_url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of this test run's own on the PostgreSQL server, dropped at the end."""
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        message = (
+            f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({error}); start it, or set "
+            "TEST_POSTGRES_ADMIN_URL to a server where this user may create databases"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}. CI runs these tests rather than skipping them.", False)
+        pytest.skip(message)
+    name = f"ers_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+        try:
+            yield database_url(POSTGRES_ADMIN_URL, name)
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)'.encode())
+
+
+@pytest.fixture(params=BACKENDS)
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> FreshDatabase:
+    """An empty database of each backend in turn."""
+    if request.param == "sqlite":
+        return SQLiteDatabase(tmp_path / "jobs.db")
+    postgres = PostgresDatabase(request.getfixturevalue("postgres_url"))
+    postgres.reset()
+    return postgres
 
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
+    """A SQLite file, for the tests about SQLite itself."""
     return tmp_path / "jobs.db"
 
 
 @pytest.fixture
-def settings(db_path: Path) -> Settings:
+def settings(database: FreshDatabase) -> Settings:
     # Worker processes are off here (a spawn per test would dominate the suite); the tests that
     # are about them turn them on.
-    return Settings(database_url=f"sqlite:///{db_path}", flow_processes=0)
+    return Settings(database_url=database.url, flow_processes=0)
 
 
 @pytest.fixture
@@ -112,10 +209,13 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(db_path: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> Server:
-    """Start uvicorn on a free port and wait until it answers /healthz."""
+def start_server(
+    database: Path | str, log_path: Path, extra_env: dict[str, str] | None = None
+) -> Server:
+    """Start uvicorn on a free port, on a SQLite file or a database URL; wait for /healthz."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{db_path}", **(extra_env or {})}
+    url = f"sqlite:///{database}" if isinstance(database, Path) else database
+    env = {**os.environ, "DATABASE_URL": url, **(extra_env or {})}
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--timeout-graceful-shutdown", "10"]
     with log_path.open("wb") as log:

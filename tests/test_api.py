@@ -2,7 +2,6 @@
 
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,8 +12,8 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.store import StoreUnavailableError
 from tests.conftest import (
+    FreshDatabase,
     asgi_client,
-    count_jobs,
     result_once_finished,
     serving,
     wait_finished,
@@ -162,14 +161,14 @@ async def test_job_id_full_of_path_characters_is_404(client: httpx.AsyncClient, 
     ],
 )
 async def test_invalid_job_is_422_naming_the_place_and_stores_nothing(
-    client: httpx.AsyncClient, db_path: Path, body: Any, loc: list[Any], message: str
+    client: httpx.AsyncClient, database: FreshDatabase, body: Any, loc: list[Any], message: str
 ) -> None:
     response = await submit(client, body)
     assert response.status_code == 422
     [error] = response.json()["detail"]
     assert error["loc"] == loc
     assert message in error["msg"]
-    assert count_jobs(db_path) == 0
+    assert database.count_jobs() == 0
 
 
 async def test_every_invalid_item_is_reported_up_to_a_bound(client: httpx.AsyncClient) -> None:
@@ -188,9 +187,9 @@ async def test_scalar_values_of_every_json_type_are_accepted(client: httpx.Async
 
 
 @pytest.fixture
-def small_limits(db_path: Path) -> Settings:
+def small_limits(database: FreshDatabase) -> Settings:
     return Settings(
-        database_url=f"sqlite:///{db_path}",
+        database_url=database.url,
         flow_processes=0,
         max_items=3,
         max_keys_per_item=2,
@@ -205,36 +204,36 @@ async def limited_client(small_limits: Settings) -> AsyncIterator[httpx.AsyncCli
 
 
 async def test_more_items_than_the_limit_is_422(
-    limited_client: httpx.AsyncClient, db_path: Path
+    limited_client: httpx.AsyncClient, database: FreshDatabase
 ) -> None:
     response = await submit(limited_client, {"job": {"input_data": [{}] * 4}})
     assert response.status_code == 422
     assert "at most 3 items" in response.json()["detail"][0]["msg"]
-    assert count_jobs(db_path) == 0
+    assert database.count_jobs() == 0
 
 
 async def test_more_keys_than_the_limit_is_422(
-    limited_client: httpx.AsyncClient, db_path: Path
+    limited_client: httpx.AsyncClient, database: FreshDatabase
 ) -> None:
     response = await submit(limited_client, {"job": {"input_data": [{"a": 1, "b": 2, "c": 3}]}})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "job", "input_data", 0]
     assert "at most 2 keys" in response.json()["detail"][0]["msg"]
-    assert count_jobs(db_path) == 0
+    assert database.count_jobs() == 0
 
 
 async def test_body_over_the_limit_is_413_and_stores_nothing(
-    limited_client: httpx.AsyncClient, db_path: Path
+    limited_client: httpx.AsyncClient, database: FreshDatabase
 ) -> None:
     body = {"job": {"input_data": [{"k": "v" * 2000}]}}
     response = await submit(limited_client, body)
     assert response.status_code == 413
     assert "1000 bytes" in response.json()["detail"]
-    assert count_jobs(db_path) == 0
+    assert database.count_jobs() == 0
 
 
 async def test_chunked_body_over_the_limit_is_413_before_it_is_read_whole(
-    limited_client: httpx.AsyncClient, db_path: Path
+    limited_client: httpx.AsyncClient, database: FreshDatabase
 ) -> None:
     sent = 0
 
@@ -251,30 +250,30 @@ async def test_chunked_body_over_the_limit_is_413_before_it_is_read_whole(
     )
     assert response.status_code == 413
     assert sent < 1000  # the server stopped reading long before the end
-    assert count_jobs(db_path) == 0
+    assert database.count_jobs() == 0
 
 
 @pytest.mark.parametrize("payload", [b"{not json", b'{"job": {"input_data": [{"a": "b"}]', b""])
 async def test_malformed_json_is_400_and_stores_nothing(
-    client: httpx.AsyncClient, db_path: Path, payload: bytes
+    client: httpx.AsyncClient, database: FreshDatabase, payload: bytes
 ) -> None:
     response = await client.post(
         "/expand_reduce_flow/", content=payload, headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["detail"]
-    assert count_jobs(db_path) == 0
+    assert database.count_jobs() == 0
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
 async def test_body_not_sent_as_json_is_415(
-    client: httpx.AsyncClient, db_path: Path, content_type: str | None
+    client: httpx.AsyncClient, database: FreshDatabase, content_type: str | None
 ) -> None:
     headers = {"content-type": content_type} if content_type else {}
     response = await client.post("/expand_reduce_flow/", content=orjson.dumps(JOB), headers=headers)
     assert response.status_code == 415
     assert "application/json" in response.json()["detail"]
-    assert count_jobs(db_path) == 0
+    assert database.count_jobs() == 0
 
 
 async def test_json_with_charset_is_accepted(client: httpx.AsyncClient) -> None:
@@ -361,10 +360,8 @@ async def test_health_endpoints(client: httpx.AsyncClient) -> None:
     assert (await client.get("/readyz")).json() == {"status": "ready"}
 
 
-async def test_large_bodies_and_jobs_go_through_a_worker_process(db_path: Path) -> None:
-    settings = Settings(
-        database_url=f"sqlite:///{db_path}", flow_processes=1, flow_process_threshold_bytes=1
-    )
+async def test_large_bodies_and_jobs_go_through_a_worker_process(database: FreshDatabase) -> None:
+    settings = Settings(database_url=database.url, flow_processes=1, flow_process_threshold_bytes=1)
     items = [{f"k{k}": f"v{i}-{k}" for k in range(5)} for i in range(3000)]
     async with serving(settings) as client:
         job_id = (await submit(client, {"job": {"input_data": items}})).json()["job_id"]

@@ -3,7 +3,6 @@
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -115,9 +114,9 @@ async def test_sweep_at_start_finishes_a_job_left_behind_by_a_dead_process(
 
 
 async def test_sweep_takes_no_more_jobs_than_free_slots(
-    store: JobStore, db_path: Path, clock: FakeClock
+    store: JobStore, settings: Settings, clock: FakeClock
 ) -> None:
-    settings = Settings(database_url=f"sqlite:///{db_path}", flow_processes=0, flow_concurrency=1)
+    settings = settings.model_copy(update={"flow_concurrency": 1})
     await store.create_job(A, '[{"a":"1"}]')
     await store.create_job(B, '[{"b":"1"}]')
     clock.advance(settings.job_claim_grace_seconds + 1)

@@ -1,4 +1,8 @@
-"""The SQLite store: schema, the lease protocol with a controllable clock, and bad files."""
+"""The stores: the lease protocol with a controllable clock, on both backends; SQLite's files.
+
+The tests taking ``store`` run on SQLite and on PostgreSQL; those about SQLite's own schema,
+migrations and files take ``sqlite_store`` or a path.
+"""
 
 import sqlite3
 from collections.abc import AsyncIterator
@@ -8,9 +12,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from app.config import Settings
 from app.schemas import JobStatus
-from app.store import Claim, LeasePolicy, StoreCorruptError
+from app.store import Claim, JobStore, LeasePolicy, StoreCorruptError, open_store
 from app.store.sqlite import MIGRATIONS, SQLiteJobStore
+from tests.conftest import FreshDatabase
 
 JOB = "11111111-1111-4111-8111-111111111111"
 OTHER = "22222222-2222-4222-8222-222222222222"
@@ -35,15 +41,32 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def store_settings(database: FreshDatabase) -> Settings:
+    return Settings(
+        database_url=database.url,
+        job_lease_seconds=POLICY.lease_seconds,
+        job_claim_grace_seconds=POLICY.claim_grace_seconds,
+        job_max_attempts=POLICY.max_attempts,
+    )
+
+
 @pytest.fixture
-async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[SQLiteJobStore]:
+async def store(database: FreshDatabase, clock: FakeClock) -> AsyncIterator[JobStore]:
+    job_store = open_store(store_settings(database), clock)
+    await job_store.open()
+    yield job_store
+    await job_store.close()
+
+
+@pytest.fixture
+async def sqlite_store(db_path: Path, clock: FakeClock) -> AsyncIterator[SQLiteJobStore]:
     job_store = SQLiteJobStore(db_path, POLICY, clock=clock)
     await job_store.open()
     yield job_store
     await job_store.close()
 
 
-async def claimed(store: SQLiteJobStore, input_json: str = "[{}]", owner: str = "me") -> Claim:
+async def claimed(store: JobStore, input_json: str = "[{}]", owner: str = "me") -> Claim:
     """A new job (JOB), claimed by ``owner``."""
     await store.create_job(JOB, input_json)
     claim = await store.claim(JOB, owner)
@@ -56,8 +79,8 @@ def columns(db_path: Path) -> dict[str, str]:
         return {row[1]: row[2] for row in db.execute("PRAGMA table_info(jobs)")}
 
 
-async def test_schema_has_the_seed_columns_and_records_its_version(
-    store: SQLiteJobStore, db_path: Path
+async def test_sqlite_schema_has_the_seed_columns_and_records_its_version(
+    sqlite_store: JobStore, db_path: Path
 ) -> None:
     found = columns(db_path)
     for name in ("job_id", "input_data", "output_data", "status"):
@@ -68,11 +91,11 @@ async def test_schema_has_the_seed_columns_and_records_its_version(
 
 
 async def test_reopening_an_existing_database_keeps_its_jobs(
-    store: SQLiteJobStore, db_path: Path, clock: FakeClock
+    store: JobStore, database: FreshDatabase, clock: FakeClock
 ) -> None:
     await store.create_job(JOB, "[{}]")
     await store.close()
-    reopened = SQLiteJobStore(db_path, POLICY, clock=clock)
+    reopened = open_store(store_settings(database), clock)
     await reopened.open()
     try:
         job = await reopened.get_job(JOB)
@@ -83,18 +106,17 @@ async def test_reopening_an_existing_database_keeps_its_jobs(
 
 
 async def test_input_and_output_are_stored_as_real_json(
-    store: SQLiteJobStore, db_path: Path
+    store: JobStore, database: FreshDatabase
 ) -> None:
     claim = await claimed(store, '[{"a":1,"b":"x"}]')
     assert await store.finish(claim, output_json='[{"a b":"1 x"}]', error=None)
-    with closing(sqlite3.connect(db_path)) as db:
-        row = db.execute("SELECT input_data, output_data FROM jobs").fetchone()
+    [row] = database.query("SELECT input_data, output_data FROM jobs")
     assert orjson.loads(row[0]) == [{"a": 1, "b": "x"}]
     assert orjson.loads(row[1]) == [{"a b": "1 x"}]
 
 
 async def test_timestamps_are_iso_8601_utc_and_updated_on_finish(
-    store: SQLiteJobStore, clock: FakeClock
+    store: JobStore, clock: FakeClock
 ) -> None:
     claim = await claimed(store)
     clock.advance(2)
@@ -106,7 +128,7 @@ async def test_timestamps_are_iso_8601_utc_and_updated_on_finish(
     assert (job.status, job.output_data) == (JobStatus.COMPLETED, "[{}]")
 
 
-async def test_a_live_lease_cannot_be_claimed_by_another_owner(store: SQLiteJobStore) -> None:
+async def test_a_live_lease_cannot_be_claimed_by_another_owner(store: JobStore) -> None:
     await store.create_job(JOB, "[{}]")
     assert await store.claim(JOB, "first") is not None
     assert await store.claim(JOB, "second") is None
@@ -114,7 +136,7 @@ async def test_a_live_lease_cannot_be_claimed_by_another_owner(store: SQLiteJobS
 
 
 async def test_a_stalled_claimants_late_finish_is_rejected(
-    store: SQLiteJobStore, clock: FakeClock
+    store: JobStore, clock: FakeClock
 ) -> None:
     stalled = await claimed(store, owner="stalled")
     clock.advance(POLICY.lease_seconds + 1)
@@ -129,7 +151,7 @@ async def test_a_stalled_claimants_late_finish_is_rejected(
 
 
 async def test_heartbeat_keeps_a_lease_alive_past_its_first_expiry(
-    store: SQLiteJobStore, clock: FakeClock
+    store: JobStore, clock: FakeClock
 ) -> None:
     claim = await claimed(store)
     clock.advance(POLICY.lease_seconds - 1)
@@ -142,7 +164,7 @@ async def test_heartbeat_keeps_a_lease_alive_past_its_first_expiry(
 
 
 async def test_unclaimed_job_waits_out_the_grace_time_before_a_sweep_takes_it(
-    store: SQLiteJobStore, clock: FakeClock
+    store: JobStore, clock: FakeClock
 ) -> None:
     await store.create_job(JOB, "[{}]")
     clock.advance(POLICY.claim_grace_seconds - 1)
@@ -152,7 +174,7 @@ async def test_unclaimed_job_waits_out_the_grace_time_before_a_sweep_takes_it(
     assert (claim.job_id, claim.attempt) == (JOB, 1)
 
 
-async def test_sweep_claims_no_more_than_its_limit(store: SQLiteJobStore, clock: FakeClock) -> None:
+async def test_sweep_claims_no_more_than_its_limit(store: JobStore, clock: FakeClock) -> None:
     await store.create_job(JOB, "[{}]")
     await store.create_job(OTHER, "[{}]")
     clock.advance(POLICY.claim_grace_seconds + 1)
@@ -162,7 +184,7 @@ async def test_sweep_claims_no_more_than_its_limit(store: SQLiteJobStore, clock:
 
 
 async def test_job_interrupted_max_attempts_times_is_failed_not_left_processing(
-    store: SQLiteJobStore, clock: FakeClock
+    store: JobStore, clock: FakeClock
 ) -> None:
     await store.create_job(JOB, "[{}]")
     for attempt in range(1, POLICY.max_attempts + 1):
@@ -178,7 +200,7 @@ async def test_job_interrupted_max_attempts_times_is_failed_not_left_processing(
     assert "interrupted too often" in job.error
 
 
-async def test_released_job_can_be_claimed_at_once(store: SQLiteJobStore, clock: FakeClock) -> None:
+async def test_released_job_can_be_claimed_at_once(store: JobStore, clock: FakeClock) -> None:
     claim = await claimed(store, owner="leaving")
     await store.release([claim])
     clock.advance(0.001)
@@ -186,7 +208,7 @@ async def test_released_job_can_be_claimed_at_once(store: SQLiteJobStore, clock:
     assert (taken.job_id, taken.attempt) == (JOB, 2)
 
 
-async def test_failed_outcome_keeps_the_error_and_no_output(store: SQLiteJobStore) -> None:
+async def test_failed_outcome_keeps_the_error_and_no_output(store: JobStore) -> None:
     claim = await claimed(store)
     assert await store.finish(claim, output_json=None, error="it broke")
     job = await store.get_job(JOB, with_output=True)
@@ -194,7 +216,7 @@ async def test_failed_outcome_keeps_the_error_and_no_output(store: SQLiteJobStor
     assert (job.status, job.output_data, job.error) == (JobStatus.FAILED, None, "it broke")
 
 
-async def test_unknown_job_is_none(store: SQLiteJobStore) -> None:
+async def test_unknown_job_is_none(store: JobStore) -> None:
     assert await store.get_job(OTHER) is None
     assert await store.load_input(OTHER) is None
     assert await store.claim(OTHER, "me") is None
@@ -251,9 +273,10 @@ async def test_a_version_1_database_is_upgraded_keeping_its_jobs_and_leases(
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
-async def test_claims_and_heartbeats_do_not_rewrite_the_jobs_row(
-    store: SQLiteJobStore, db_path: Path, clock: FakeClock
+async def test_sqlite_claims_and_heartbeats_do_not_rewrite_the_jobs_row(
+    sqlite_store: JobStore, db_path: Path, clock: FakeClock
 ) -> None:
+    store = sqlite_store
     # SQLite rewrites a whole row when any column changes; a megabyte input must not be
     # rewritten by every claim and heartbeat. The jobs row's change counter stays put.
     await store.create_job(JOB, '["' + "x" * 1_000_000 + '"]')

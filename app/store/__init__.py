@@ -1,5 +1,8 @@
 """The job store: the one interface every backend implements, and the choice of backend by URL.
 
+Backends: ``app.store.sqlite`` (embedded, the default) and ``app.store.postgres`` (several
+replicas); both run the protocol in ``app.store.sql``.
+
 Every backend keeps the same lease protocol. A job row is inserted unclaimed; a process *claims*
 it by a conditional update that records itself as ``owner``, bumps ``attempts`` and sets
 ``lease_until``; it keeps the lease alive with heartbeats while the job runs; and its ``finish``
@@ -134,4 +137,15 @@ def open_store(settings: "Settings", clock: Clock = time.time) -> JobStore:
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             clock=clock,
         )
-    raise ValueError(f"Unsupported DATABASE_URL {url!r}: expected sqlite:///path/to/jobs.db")
+    if url.startswith(("postgresql://", "postgres://")):
+        from app.store.postgres import PostgresJobStore
+
+        return PostgresJobStore(
+            url,
+            policy,
+            pool_size=settings.database_pool_size,
+            timeout_seconds=settings.database_timeout_seconds,
+            startup_timeout_seconds=settings.database_startup_timeout_seconds,
+            clock=clock,
+        )
+    raise ValueError(f"Unsupported DATABASE_URL: expected sqlite:/// or postgresql://, not {url!r}")

@@ -78,6 +78,7 @@ MIGRATIONS: Sequence[str] = (
     """,
 )
 
+
 def sqlite_path(database_url: str) -> Path:
     """The file a ``sqlite:///relative`` or ``sqlite:////absolute`` URL names."""
     path = database_url.removeprefix("sqlite:///")
@@ -264,4 +265,3 @@ class SQLiteJobStore(SQLJobStore):
             return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.Error as error:
             raise _translate(error, self.path) from error
-

@@ -1,0 +1,187 @@
+"""The PostgreSQL backend (psycopg 3, async, pooled): several replicas on one database.
+
+The job and lease logic is ``app.store.sql``'s, with ``FOR UPDATE SKIP LOCKED`` on the
+subqueries that pick jobs to claim or fail, so replicas never wait for each other's rows or
+take the same job twice. This module connects, migrates under an advisory lock (replicas
+starting together upgrade the schema once) and turns driver errors into the store's.
+"""
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from app.config import redact
+from app.store import Clock, LeasePolicy, StoreCorruptError, StoreError, StoreUnavailableError
+from app.store.sql import Dialect, Row, SQLJobStore
+
+logger = logging.getLogger(__name__)
+
+# Each entry upgrades the schema by one version; schema_version records how many ran.
+# input_data and output_data are TEXT holding the JSON exactly as the service wrote it: the
+# service stores and serves JSON text and never queries inside it, and JSONB would parse
+# megabytes on every insert and would not keep an object's keys in the order sent (the flow
+# splits objects by that order).
+MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE jobs (
+        job_id      TEXT PRIMARY KEY,
+        status      TEXT NOT NULL CHECK (status IN ('processing', 'completed', 'failed')),
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        error       TEXT,
+        input_data  TEXT NOT NULL,
+        output_data TEXT
+    );
+    CREATE TABLE job_leases (
+        job_id      TEXT PRIMARY KEY,
+        owner       TEXT,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        lease_until DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX job_leases_by_lease ON job_leases (lease_until)
+    """,
+)
+# pg_advisory_xact_lock key held while migrating: any constant the other users of the
+# database do not use ("expand-reduce" in ASCII).
+MIGRATION_LOCK = 0x657870616E64
+RETRY_PAUSE_SECONDS = 1.0
+
+
+class _PostgresTransaction:
+    """A pooled connection inside a transaction."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self._connection = connection
+
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        cursor = await self._connection.execute(sql, params)
+        return list(await cursor.fetchall())
+
+    async def execute(self, sql: str, params: Sequence[Any]) -> int:
+        cursor = await self._connection.execute(sql, params)
+        return cursor.rowcount
+
+    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        async with self._connection.cursor() as cursor:
+            await cursor.executemany(sql, rows)
+
+
+class PostgresJobStore(SQLJobStore):
+    """Jobs in a PostgreSQL database shared by any number of replicas."""
+
+    def __init__(
+        self,
+        url: str,
+        policy: LeasePolicy,
+        *,
+        pool_size: int = 10,
+        timeout_seconds: float = 5.0,
+        startup_timeout_seconds: float = 60.0,
+        clock: Clock,
+    ) -> None:
+        super().__init__(policy, clock, Dialect(placeholder="%s", lock="FOR UPDATE SKIP LOCKED"))
+        self.url = redact(url)
+        self._timeout = timeout_seconds
+        self._startup_timeout = startup_timeout_seconds
+        self._pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=timeout_seconds,
+            # Reads run alone; writes open a transaction of their own (``_transaction``).
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(1, math.ceil(timeout_seconds)),
+                "application_name": "expand-reduce-service",
+            },
+            name="jobs",
+        )
+
+    async def open(self) -> None:
+        """Connect (retrying while the database comes up), then create or upgrade the schema."""
+        await self._pool.open(wait=False)
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            try:
+                await self._migrate()
+                return
+            except StoreUnavailableError as error:
+                if time.monotonic() >= deadline:
+                    await self._pool.close()
+                    raise
+                logger.warning("%s; retrying", error)
+                await asyncio.sleep(RETRY_PAUSE_SECONDS)
+            except BaseException:
+                await self._pool.close()
+                raise
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as tx:
+            await tx.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            await tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)", ())
+            rows = await tx.fetch("SELECT version FROM schema_version", ())
+            version = rows[0][0] if rows else 0
+            if version > len(MIGRATIONS):
+                raise StoreCorruptError(
+                    f"{self.url} has schema version {version}, newer than this service knows "
+                    f"({len(MIGRATIONS)}); refusing to touch it"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    await tx.execute(statement, ())
+                logger.info("database %s upgraded to schema version %d", self.url, number)
+            if version < len(MIGRATIONS):
+                await tx.execute("DELETE FROM schema_version", ())
+                await tx.execute("INSERT INTO schema_version VALUES (%s)", (len(MIGRATIONS),))
+
+    async def close(self) -> None:
+        """Apply what is queued, then close the pool; safe to call twice."""
+        await self._flush()
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[_PostgresTransaction]:
+        """A transaction on a pooled connection: committed on leaving, rolled back on error."""
+        try:
+            async with self._pool.connection() as connection, connection.transaction():
+                yield _PostgresTransaction(connection)
+        except (psycopg.Error, PoolTimeout) as error:
+            raise self._translate(error) from error
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        try:
+            async with self._pool.connection() as connection:
+                cursor = await connection.execute(sql, params)
+                return list(await cursor.fetchall())
+        except (psycopg.Error, PoolTimeout) as error:
+            raise self._translate(error) from error
+
+    def _translate(self, error: Exception) -> StoreError:
+        message = f"PostgreSQL database {self.url} is unavailable: {error}"
+        if isinstance(error, PoolTimeout):
+            return StoreUnavailableError(message, "the database is not answering")
+        if isinstance(
+            error,
+            pg_errors.LockNotAvailable
+            | pg_errors.DeadlockDetected
+            | pg_errors.SerializationFailure
+            | pg_errors.QueryCanceled
+            | pg_errors.TooManyConnections,
+        ):
+            return StoreUnavailableError(message, "the database is busy")
+        if isinstance(error, pg_errors.ReadOnlySqlTransaction):
+            return StoreUnavailableError(message, "the database is read-only")
+        if isinstance(error, pg_errors.DiskFull):
+            return StoreUnavailableError(message, "the database disk is full")
+        if isinstance(error, psycopg.OperationalError):
+            return StoreUnavailableError(message, "the database is unreachable")
+        return StoreError(f"PostgreSQL error on {self.url}: {error}")
