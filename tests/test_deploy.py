@@ -16,6 +16,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -65,11 +66,18 @@ def option(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
-def manifests() -> dict[str, dict[str, Any]]:
+POSTGRES_MANIFESTS = sorted((ROOT / "deploy" / "postgres").glob("*.yaml"))
+
+
+def manifests(*paths: Path) -> dict[str, dict[str, Any]]:
+    """The documents of these files (by default the SQLite deployment's) by kind."""
     found = {}
-    for name in ("deployment.yaml", "service.yaml"):
-        for document in yaml.safe_load_all((ROOT / name).read_text()):
-            found[document["kind"]] = document
+    for path in paths or (ROOT / "deployment.yaml", ROOT / "service.yaml"):
+        for document in yaml.safe_load_all(path.read_text()):
+            kind = document["kind"]
+            if kind == "Service" and document["spec"].get("clusterIP") == "None":
+                kind = "HeadlessService"
+            found[kind] = document
     return found
 
 
@@ -108,6 +116,8 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_manifests_pass_strict_schema_validation() -> None:
     assert validate_manifests(ROOT / "deployment.yaml", ROOT / "service.yaml") == []
+    assert len(POSTGRES_MANIFESTS) == 3
+    assert validate_manifests(*POSTGRES_MANIFESTS) == []
 
 
 @pytest.mark.parametrize(
@@ -272,3 +282,70 @@ def test_the_images_cmd_serves_a_job(tmp_path: Path) -> None:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def postgres_mode() -> dict[str, dict[str, Any]]:
+    return manifests(*POSTGRES_MANIFESTS)
+
+
+def test_postgres_mode_runs_three_replicas_rolling_with_the_default_pod_settings() -> None:
+    default, scaled = manifests()["Deployment"], postgres_mode()["Deployment"]
+    assert scaled["spec"]["replicas"] == 3
+    assert scaled["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    [mine] = scaled["spec"]["template"]["spec"]["containers"]
+    same = ("image", "imagePullPolicy", "ports", "startupProbe", "livenessProbe")
+    for key in (*same, "readinessProbe", "lifecycle", "securityContext", "resources"):
+        assert mine[key] == container()[key], key
+    pod = scaled["spec"]["template"]["spec"]
+    for key in ("securityContext", "terminationGracePeriodSeconds"):
+        assert pod[key] == pod_spec()[key], key
+    assert scaled["metadata"]["name"] == default["metadata"]["name"]
+    assert postgres_mode()["Service"]["spec"] == manifests()["Service"]["spec"]
+    # No volume of its own: the state is in PostgreSQL; /tmp is the only writable place.
+    assert [m["mountPath"] for m in mine["volumeMounts"]] == ["/tmp"]
+
+
+def test_postgres_mode_takes_its_database_url_from_the_secret() -> None:
+    documents = postgres_mode()
+    [mine] = documents["Deployment"]["spec"]["template"]["spec"]["containers"]
+    [env] = [e for e in mine["env"] if e["name"] == "DATABASE_URL"]
+    reference = env["valueFrom"]["secretKeyRef"]
+    secret = documents["Secret"]
+    assert reference["name"] == secret["metadata"]["name"]
+    assert "DATABASE_URL" not in documents["ConfigMap"]["data"]
+    url = urlsplit(Settings(database_url=secret["stringData"][reference["key"]]).database_url)
+    data = secret["stringData"]
+    assert (url.username, url.password) == (data["POSTGRES_USER"], data["POSTGRES_PASSWORD"])
+    assert url.path == f"/{data['POSTGRES_DB']}"
+    database = documents["HeadlessService"]
+    assert url.hostname == database["metadata"]["name"]
+    [port] = database["spec"]["ports"]
+    assert url.port == port["port"]
+    statefulset = documents["StatefulSet"]
+    [postgres] = statefulset["spec"]["template"]["spec"]["containers"]
+    assert postgres["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
+    assert {p["name"]: p["containerPort"] for p in postgres["ports"]} == {
+        port["targetPort"]: port["port"]
+    }
+
+
+def test_postgres_statefulset_keeps_its_data_on_a_claim_and_matches_its_service() -> None:
+    documents = postgres_mode()
+    statefulset, service = documents["StatefulSet"], documents["HeadlessService"]
+    spec = statefulset["spec"]
+    assert spec["serviceName"] == service["metadata"]["name"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    [claim] = spec["volumeClaimTemplates"]
+    [postgres] = spec["template"]["spec"]["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in postgres["volumeMounts"]}
+    pgdata = {e["name"]: e["value"] for e in postgres["env"]}["PGDATA"]
+    assert Path(pgdata).parent == Path(mounts[claim["metadata"]["name"]])
+    assert postgres["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "pg_isready" in " ".join(postgres[probe]["exec"]["command"]), probe
