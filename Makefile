@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 # Below Kubernetes' default 30 s termination grace period.
 GRACEFUL_TIMEOUT ?= 20
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench bench-postgres clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert (3, 11) <= sys.version_info[:2] < (3, 13), "Python 3.11 or 3.12 is required (uniflow needs < 3.13)"'
@@ -31,6 +31,10 @@ lint: install
 # By hand, never in CI: needs wrk (apt-get install wrk) and a quiet machine; see the README.
 bench: install
 	$(BIN)/python -m bench.run
+
+# The same, in PostgreSQL mode with one and two replicas; needs a local PostgreSQL as well.
+bench-postgres: install
+	$(BIN)/python -m bench.postgres
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -53,9 +53,16 @@ class WrkResult:
     max_ms: float
 
 
-def wrk(url: str, *, connections: int, seconds: float, script: Path | None = None) -> WrkResult:
-    """Run wrk on the load core and parse its report."""
-    command = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
+def wrk(
+    url: str,
+    *,
+    connections: int,
+    seconds: float,
+    script: Path | None = None,
+    core: str = LOAD_CORE,
+) -> WrkResult:
+    """Run wrk on the load core (or ``core``) and parse its report."""
+    command = ["taskset", "-c", core, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
     command += ["--timeout", "2s", "--latency"]
     if script:
         command += ["-s", str(script)]
@@ -155,10 +162,10 @@ def _vm_hwm_kib(pid: int) -> int:
 
 
 @contextmanager
-def serve(app: str, env: dict[str, str], log: Path) -> Iterator[Server]:
-    """Start ``uvicorn app`` on the server core and wait until it answers."""
+def serve(app: str, env: dict[str, str], log: Path, core: str = SERVER_CORE) -> Iterator[Server]:
+    """Start ``uvicorn app`` on the server core (or ``core``) and wait until it answers."""
     port = _free_port()
-    command = ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "uvicorn", app, *UVICORN]
+    command = ["taskset", "-c", core, sys.executable, "-m", "uvicorn", app, *UVICORN]
     command += ["--port", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(
