@@ -50,6 +50,9 @@ class JobRunner:
 
     async def start(self) -> None:
         """Start the sweep (which runs at once, recovering what a previous process left behind)."""
+        # Jobs another process gives up when it stops are swept at once where the store can
+        # tell, rather than at the next interval.
+        self._store.on_jobs_released(self._sweep_again.set)
         self._spawn(self._every(self._settings.sweep_interval, self.sweep, self._sweep_again))
         self._spawn(self._every(self._settings.heartbeat_interval, self.heartbeat))
 

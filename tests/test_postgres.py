@@ -12,9 +12,11 @@ import pytest
 
 from app.config import Settings
 from app.main import EXIT_DATABASE_UNAVAILABLE
+from app.schemas import JobStatus
 from app.store import Claim, JobStore, StoreCorruptError, open_store
 from app.store.postgres import MIGRATIONS, PostgresJobStore
 from tests.conftest import ROOT, PostgresDatabase, free_port, serving
+from tests.test_runner import make_runner
 from tests.test_store import POLICY, FakeClock, store_settings
 
 JOB = {"job": {"input_data": [{"a": "1", "b": "2"}]}}
@@ -206,3 +208,31 @@ def test_a_server_that_cannot_reach_its_database_gives_up_with_one_line() -> Non
     assert "Traceback" not in log
     [line] = [line for line in log.splitlines() if "cannot start" in line]
     assert "nowhere" in line
+
+
+async def test_jobs_released_by_a_stopping_replica_are_swept_at_once_by_the_others(
+    postgres: PostgresDatabase,
+) -> None:
+    settings = Settings(database_url=postgres.url, flow_processes=0, sweep_interval_seconds=60)
+    leaving, staying = open_store(settings), open_store(settings)
+    await leaving.open()
+    await staying.open()
+    runner = make_runner(staying, settings, owner="staying")
+    try:
+        await runner.start()  # sweeps once now, then not for a minute
+        await leaving.create_job("job", '[{"a": "1", "b": "2"}]')
+        claim = await leaving.claim("job", "leaving")
+        assert claim is not None
+        await asyncio.sleep(0.5)  # the first sweep is over; the listener is listening
+        await leaving.release([claim])
+        for _ in range(100):
+            job = await staying.get_job("job", with_output=True)
+            if job is not None and job.status is not JobStatus.PROCESSING:
+                break
+            await asyncio.sleep(0.05)
+        assert job is not None
+        assert (job.status, job.output_data) == (JobStatus.COMPLETED, '[{"a b":"1 2"}]')
+    finally:
+        await runner.stop()
+        await leaving.close()
+        await staying.close()

@@ -113,6 +113,13 @@ class JobStore(Protocol):
     async def release(self, claims: Iterable[Claim]) -> None:
         """Give these claims up so another process can take the jobs at once."""
 
+    def on_jobs_released(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another process releases jobs, if the backend can tell.
+
+        A hint only, for sweeping at once rather than at the next interval: it may come late
+        or never, and the periodic sweep stays the safety net.
+        """
+
 
 def iso_utc(epoch_seconds: float) -> str:
     """Format a Unix time as ISO 8601 UTC with microseconds, e.g. 2026-11-28T11:37:39.123456Z."""

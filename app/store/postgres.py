@@ -7,10 +7,11 @@ starting together upgrade the schema once) and turns driver errors into the stor
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,7 +20,14 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.config import redact
-from app.store import Clock, LeasePolicy, StoreCorruptError, StoreError, StoreUnavailableError
+from app.store import (
+    Claim,
+    Clock,
+    LeasePolicy,
+    StoreCorruptError,
+    StoreError,
+    StoreUnavailableError,
+)
 from app.store.sql import Dialect, Row, SQLJobStore
 
 logger = logging.getLogger(__name__)
@@ -53,6 +61,9 @@ MIGRATIONS: Sequence[str] = (
 # database do not use ("expand-reduce" in ASCII).
 MIGRATION_LOCK = 0x657870616E64
 RETRY_PAUSE_SECONDS = 1.0
+# NOTIFY'd when a replica releases jobs (it is stopping), so the others sweep at once.
+RELEASED_CHANNEL = "expand_reduce_jobs_released"
+LISTEN_RETRY_SECONDS = 5.0
 
 
 class _PostgresTransaction:
@@ -89,6 +100,8 @@ class PostgresJobStore(SQLJobStore):
     ) -> None:
         super().__init__(policy, clock, Dialect(placeholder="%s", lock="FOR UPDATE SKIP LOCKED"))
         self.url = redact(url)
+        self._url = url
+        self._listener: asyncio.Task[None] | None = None
         self._timeout = timeout_seconds
         self._startup_timeout = startup_timeout_seconds
         self._pool = AsyncConnectionPool(
@@ -145,8 +158,48 @@ class PostgresJobStore(SQLJobStore):
 
     async def close(self) -> None:
         """Apply what is queued, then close the pool; safe to call twice."""
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
         await self._flush()
         await self._pool.close()
+
+    async def release(self, claims: Iterable[Claim]) -> None:
+        """Give these claims up, and tell the other replicas so they sweep now."""
+        claims = list(claims)
+        await super().release(claims)
+        if claims:
+            with contextlib.suppress(StoreError):  # a hint only; their sweeps come anyway
+                await self._fetch("SELECT pg_notify(%s, '')", (RELEASED_CHANNEL,))
+
+    def on_jobs_released(self, wake: Callable[[], None]) -> None:
+        """LISTEN on a connection of its own (outside the pool) and call ``wake`` per NOTIFY.
+
+        Notifications are lost while that connection is down and do not pass through
+        transaction-mode poolers; the periodic sweep covers both.
+        """
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(wake))
+
+    async def _listen(self, wake: Callable[[], None]) -> None:
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, connect_timeout=max(1, math.ceil(self._timeout))
+                )
+                async with connection:
+                    await connection.execute(f"LISTEN {RELEASED_CHANNEL}")
+                    async for _ in connection.notifies():
+                        wake()
+            except psycopg.Error as error:
+                logger.warning(
+                    "not listening for released jobs (%s); retrying in %.0f s",
+                    error,
+                    LISTEN_RETRY_SECONDS,
+                )
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_PostgresTransaction]:

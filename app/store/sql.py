@@ -13,7 +13,7 @@ lease means the same on every backend and tests can move the clock.
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -319,6 +319,10 @@ class SQLJobStore(ABC):
                 if await tx.execute(self._sql(RENEW), (until, *fence(claim))) == 1:
                     held.add(claim.job_id)
         return held
+
+    @abstractmethod
+    def on_jobs_released(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another process releases jobs, if the backend can tell."""
 
     async def release(self, claims: Iterable[Claim]) -> None:
         """Drop these leases now so the next sweep, here or elsewhere, takes the jobs."""

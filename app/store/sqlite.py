@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -233,6 +233,9 @@ class SQLiteJobStore(SQLJobStore):
             if db is not None:
                 await db.close()
         self._checkpointer = self._reader = self._writer = None
+
+    def on_jobs_released(self, wake: Callable[[], None]) -> None:
+        """SQLite cannot tell: released jobs wait for the next sweep (one process per file)."""
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_SQLiteTransaction]:
