@@ -236,3 +236,23 @@ async def test_jobs_released_by_a_stopping_replica_are_swept_at_once_by_the_othe
         await runner.stop()
         await leaving.close()
         await staying.close()
+
+
+async def test_heartbeats_and_finishes_of_the_same_jobs_at_once_do_not_deadlock(
+    postgres: PostgresDatabase, clock: FakeClock
+) -> None:
+    async with opened(postgres, clock) as store:
+        for round_ in range(5):
+            ids = [f"job-{round_}-{n:03}" for n in range(150)]
+            for job_id in ids:
+                await store.create_job(job_id, "[{}]")
+            claims = [await store.claim(job_id, "me") for job_id in ids]
+            held = [claim for claim in claims if claim is not None]
+            assert len(held) == len(ids)
+            # A heartbeat renews in one order while finishes arrive in the other.
+            outcomes = await asyncio.gather(
+                store.renew(held),
+                *(store.finish(c, output_json="[{}]", error=None) for c in reversed(held)),
+            )
+            assert all(outcomes[1:])
+    assert postgres.query("SELECT count(*) FROM jobs WHERE status = 'completed'") == [(750,)]

@@ -8,13 +8,21 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from app.config import Settings
 from app.schemas import JobStatus
-from app.store import Claim, JobStore, LeasePolicy, StoreCorruptError, open_store
+from app.store import (
+    Claim,
+    JobStore,
+    LeasePolicy,
+    StoreConflictError,
+    StoreCorruptError,
+    open_store,
+)
 from app.store.sqlite import MIGRATIONS, SQLiteJobStore
 from tests.conftest import FreshDatabase
 
@@ -291,3 +299,21 @@ async def test_sqlite_claims_and_heartbeats_do_not_rewrite_the_jobs_row(
         assert db.execute("SELECT rowid, updated_at FROM jobs").fetchone() == before
         [(leases,)] = db.execute("SELECT count(*) FROM job_leases").fetchall()
     assert leases == 1
+
+
+async def test_a_write_batch_the_database_rolled_back_is_run_again(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = store._apply_writes_once  # type: ignore[attr-defined]
+    calls = []
+
+    async def conflicted_once(ops: Any) -> Any:
+        calls.append(ops)
+        if len(calls) == 1:
+            raise StoreConflictError("deadlock detected", "the database is busy")
+        return await real(ops)
+
+    monkeypatch.setattr(store, "_apply_writes_once", conflicted_once)
+    await store.create_job("job", "[{}]")
+    assert len(calls) == 2
+    assert await store.get_job("job") is not None

@@ -37,6 +37,10 @@ class StoreUnavailableError(StoreError):
         self.reason = reason
 
 
+class StoreConflictError(StoreUnavailableError):
+    """The database rolled a transaction back to break a deadlock; running it again helps."""
+
+
 class StoreCorruptError(StoreError):
     """The database file is not a usable database; the service must not start on it."""
 

@@ -24,6 +24,7 @@ from app.store import (
     Claim,
     Clock,
     LeasePolicy,
+    StoreConflictError,
     StoreCorruptError,
     StoreError,
     StoreUnavailableError,
@@ -222,13 +223,11 @@ class PostgresJobStore(SQLJobStore):
         message = f"PostgreSQL database {self.url} is unavailable: {error}"
         if isinstance(error, PoolTimeout):
             return StoreUnavailableError(message, "the database is not answering")
+        if isinstance(error, pg_errors.DeadlockDetected | pg_errors.SerializationFailure):
+            return StoreConflictError(message, "the database is busy")
         if isinstance(
             error,
-            pg_errors.LockNotAvailable
-            | pg_errors.DeadlockDetected
-            | pg_errors.SerializationFailure
-            | pg_errors.QueryCanceled
-            | pg_errors.TooManyConnections,
+            pg_errors.LockNotAvailable | pg_errors.QueryCanceled | pg_errors.TooManyConnections,
         ):
             return StoreUnavailableError(message, "the database is busy")
         if isinstance(error, pg_errors.ReadOnlySqlTransaction):

@@ -20,7 +20,15 @@ from typing import Any, Protocol, TypeVar
 
 from app.batching import Batcher
 from app.schemas import JobStatus
-from app.store import INTERRUPTED_TOO_OFTEN, Claim, Clock, JobRecord, LeasePolicy, iso_utc
+from app.store import (
+    INTERRUPTED_TOO_OFTEN,
+    Claim,
+    Clock,
+    JobRecord,
+    LeasePolicy,
+    StoreConflictError,
+    iso_utc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +73,10 @@ CLAIM_STALE = """
     )
     RETURNING job_id, attempts
 """
-RENEW = "UPDATE job_leases SET lease_until = ? WHERE job_id = ? AND owner = ? AND attempts = ?"
+RENEW = """
+    UPDATE job_leases SET lease_until = ? WHERE (job_id, owner, attempts) IN (VALUES {rows})
+    RETURNING job_id
+"""
 RELEASE = """
     UPDATE job_leases SET owner = NULL, lease_until = ?
     WHERE job_id = ? AND owner = ? AND attempts = ?
@@ -75,6 +86,8 @@ RESULT = "SELECT status, created_at, updated_at, output_data, error FROM jobs WH
 INPUT = "SELECT input_data FROM jobs WHERE job_id = ?"
 # Well below both databases' limits on bound parameters per statement.
 CHUNK = 500
+# Tries of a write batch that the database rolls back to break a deadlock.
+CONFLICT_RETRIES = 3
 
 
 class Transaction(Protocol):
@@ -146,15 +159,22 @@ class _Finish:
     error: str | None
 
 
-_Write = _Insert | _Claim | _Finish
+@dataclass(frozen=True, slots=True)
+class _Renew:
+    claims: tuple[Claim, ...]
+
+
+_Write = _Insert | _Claim | _Finish | _Renew
 
 
 class SQLJobStore(ABC):
     """The JobStore protocol over any backend that can open a transaction.
 
-    Inserts, claims and finishes issued while a write transaction is in flight all go into the
-    next one (group commit; each caller is still answered only after its commit), and status
-    lookups made at the same moment share one query.
+    Inserts, claims, finishes and renewals issued while a write transaction is in flight all
+    go into the next one (group commit; each caller is still answered only after its commit),
+    and status lookups made at the same moment share one query. Going through that one queue
+    also means a process's own writes to its leases never run in two transactions at once, so
+    a heartbeat cannot deadlock with a finish on PostgreSQL's row locks.
     """
 
     def __init__(self, policy: LeasePolicy, clock: Clock, dialect: Dialect) -> None:
@@ -200,7 +220,21 @@ class SQLJobStore(ABC):
         return landed
 
     async def _apply_writes(self, ops: Sequence[_Write]) -> list[Any]:
-        """Apply one batch in one transaction: inserts, then claims, then finishes."""
+        """Apply one batch; again if the database rolled it back to break a deadlock.
+
+        Each try is one transaction, all or nothing, so running it again is safe.
+        """
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                return await self._apply_writes_once(ops)
+            except StoreConflictError as error:
+                if attempt == CONFLICT_RETRIES:
+                    raise
+                logger.warning("write batch rolled back (%s); running it again", error)
+        raise AssertionError("unreachable")
+
+    async def _apply_writes_once(self, ops: Sequence[_Write]) -> list[Any]:
+        """Apply one batch in one transaction: inserts, claims, finishes, then renewals."""
         now = self._clock()
         results: dict[int, Any] = {}
         async with self._transaction() as tx:
@@ -217,7 +251,22 @@ class SQLJobStore(ABC):
             results.update(await self._apply_claims(tx, claims, now))
             finishes = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Finish)]
             results.update(await self._apply_finishes(tx, finishes, now))
+            renewals = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Renew)]
+            results.update(await self._apply_renewals(tx, renewals, now))
         return [results[i] for i in range(len(ops))]
+
+    async def _apply_renewals(
+        self, tx: Transaction, renewals: list[tuple[int, _Renew]], now: float
+    ) -> dict[int, set[str]]:
+        """Extend the leases still held by these claims; say which, per request."""
+        until = now + self._policy.lease_seconds
+        claims = [claim for _, op in renewals for claim in op.claims]
+        held: set[str] = set()
+        for chunk in chunks(claims):
+            fences = [value for claim in chunk for value in fence(claim)]
+            sql = self._sql(RENEW, rows=marks(len(chunk), width=3))
+            held.update(job_id for (job_id,) in await tx.fetch(sql, (until, *fences)))
+        return {i: {c.job_id for c in op.claims if c.job_id in held} for i, op in renewals}
 
     async def _apply_claims(
         self, tx: Transaction, claims: list[tuple[int, _Claim]], now: float
@@ -309,15 +358,10 @@ class SQLJobStore(ABC):
 
     async def renew(self, claims: Iterable[Claim]) -> set[str]:
         """Extend the leases of claims still current; return their job ids."""
-        claims = list(claims)
+        claims = tuple(claims)
         if not claims:
             return set()
-        until = self._clock() + self._policy.lease_seconds
-        held: set[str] = set()
-        async with self._transaction() as tx:
-            for claim in claims:
-                if await tx.execute(self._sql(RENEW), (until, *fence(claim))) == 1:
-                    held.add(claim.job_id)
+        held: set[str] = await self._writes.submit(_Renew(claims))
         return held
 
     @abstractmethod
