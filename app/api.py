@@ -143,11 +143,10 @@ async def submit_job(request: Request) -> Response:
     del body  # megabytes for a large job; not needed while the job is stored and run
     _require_accepting(runner)  # shutdown may have begun while the body was read
     job_id = str(uuid.uuid4())
-    await services.store.create_job(job_id, input_json)
     # A small input rides along, saving a read; a large one is read back when the job runs, so
     # a queue of large jobs does not hold their inputs in memory.
     small = len(input_json) < settings.flow_process_threshold_bytes
-    runner.start_job(job_id, input_json if small else None)
+    await runner.accept(job_id, input_json, keep_input=small)
     return Response(
         orjson.dumps({"job_id": job_id}),
         status_code=202,

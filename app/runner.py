@@ -70,6 +70,44 @@ class JobRunner:
             self._stopping = True
             self._drain_deadline = time.monotonic() + self._settings.shutdown_timeout_seconds
 
+    async def accept(self, job_id: str, input_json: str, *, keep_input: bool) -> None:
+        """Store a new job and start it; return once it is committed.
+
+        With a slot free, the job is inserted already claimed by this process and runs at
+        once, saving the claim's write; otherwise it is inserted unclaimed and waits for a
+        slot here, or for another process's sweep after the grace time. ``keep_input`` says
+        whether to hold the input in memory until the job runs (a small one) rather than
+        read it back then (a large one).
+        """
+        reserved = await self._reserve_slot()
+        try:
+            claim = await self._store.create_job(
+                job_id, input_json, self.owner if reserved else None
+            )
+        except BaseException:
+            if reserved:
+                self._slots.release()
+            raise
+        kept = input_json if keep_input else None
+        if claim is None:
+            self.start_job(job_id, kept)
+            return
+        self._held[job_id] = claim
+        self._spawn(self._run_in_reserved_slot(claim, kept))
+
+    async def _reserve_slot(self) -> bool:
+        if self._stopping or self._slots.locked():
+            return False
+        await self._slots.acquire()  # a slot is free, so this returns without waiting
+        return True
+
+    async def _run_in_reserved_slot(self, claim: Claim, input_json: str | None) -> None:
+        try:
+            if not self._stopping:  # else the claim stays held, for stop() to release
+                await self._execute(claim, input_json)
+        finally:
+            self._slots.release()
+
     def start_job(self, job_id: str, input_json: str | None = None) -> None:
         """Hand a just-submitted (and committed) job to a task of the runner's own.
 

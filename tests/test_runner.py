@@ -13,6 +13,7 @@ from app.runner import JobRunner
 from app.schemas import JobStatus
 from app.store import JobStore, open_store
 from app.workers import CpuWorkers
+from tests.conftest import FreshDatabase
 from tests.test_store import FakeClock
 
 A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
@@ -189,3 +190,29 @@ async def test_a_claim_whose_outcome_cannot_be_recorded_is_let_go_for_a_retry(
     clock.advance(settings.job_lease_seconds + 1)
     [retry] = await store.claim_stale("other", 10)
     assert (retry.job_id, retry.attempt) == (A, 2)
+
+
+async def test_an_accepted_job_is_inserted_claimed_when_a_slot_is_free_and_waits_when_not(
+    store: JobStore, settings: Settings, database: FreshDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = make_runner(store, settings.model_copy(update={"flow_concurrency": 1}))
+    release = asyncio.Event()
+    real_run = runner._workers.run_flow
+
+    async def held_until_released(payload: str) -> str:
+        await release.wait()
+        return await real_run(payload)
+
+    monkeypatch.setattr(runner._workers, "run_flow", held_until_released)
+    await runner.accept(A, '[{"a":"1","b":"2"}]', keep_input=True)  # takes the only slot
+    await runner.accept(B, '[{"b":"1"}]', keep_input=True)  # none left
+    owners = dict(database.query("SELECT job_id, owner FROM job_leases"))
+    assert owners == {A: "me", B: None}
+    release.set()
+    for _ in range(200):
+        if (await outcome(store, B))[0] is JobStatus.COMPLETED:
+            break
+        await asyncio.sleep(0.01)
+    assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a b": "1 2"}], None)
+    assert await outcome(store, B) == (JobStatus.COMPLETED, [{"b": "1"}], None)
+    await runner.stop()

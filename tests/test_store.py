@@ -317,3 +317,17 @@ async def test_a_write_batch_the_database_rolled_back_is_run_again(
     await store.create_job("job", "[{}]")
     assert len(calls) == 2
     assert await store.get_job("job") is not None
+
+
+async def test_a_job_inserted_claimed_is_its_owners_until_the_lease_runs_out(
+    store: JobStore, clock: FakeClock
+) -> None:
+    claim = await store.create_job(JOB, "[{}]", owner="accepting")
+    assert claim == Claim(JOB, "accepting", 1)
+    assert await store.claim(JOB, "other") is None
+    clock.advance(POLICY.claim_grace_seconds + 1)  # no grace time: it is running
+    assert await store.claim_stale("other", 10) == []
+    assert await store.renew([claim]) == {JOB}
+    assert await store.finish(claim, output_json="[{}]", error=None)
+    assert await store.create_job(OTHER, "[{}]") is None  # no owner: unclaimed
+    assert await store.claim(OTHER, "other") == Claim(OTHER, "other", 1)

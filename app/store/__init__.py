@@ -3,7 +3,8 @@
 Backends: ``app.store.sqlite`` (embedded, the default) and ``app.store.postgres`` (several
 replicas); both run the protocol in ``app.store.sql``.
 
-Every backend keeps the same lease protocol. A job row is inserted unclaimed; a process *claims*
+Every backend keeps the same lease protocol. A job row is inserted unclaimed (or already
+claimed by the process that accepted it, when it can start it at once); a process *claims*
 it by a conditional update that records itself as ``owner``, bumps ``attempts`` and sets
 ``lease_until``; it keeps the lease alive with heartbeats while the job runs; and its ``finish``
 only lands while it still holds that exact attempt (owner and attempt act as a fencing token).
@@ -93,8 +94,14 @@ class JobStore(Protocol):
     async def ping(self) -> None:
         """Raise StoreError unless the database answers."""
 
-    async def create_job(self, job_id: str, input_json: str) -> None:
-        """Insert a new, unclaimed job; return only once it is committed."""
+    async def create_job(
+        self, job_id: str, input_json: str, owner: str | None = None
+    ) -> Claim | None:
+        """Insert a new job; return only once it is committed.
+
+        With an ``owner`` the job is inserted already claimed by it (its first attempt, which
+        the caller is about to run) and that claim is returned; without, it is unclaimed.
+        """
 
     async def get_job(self, job_id: str, *, with_output: bool = False) -> JobRecord | None:
         """Return the job, or None if there is no such job."""

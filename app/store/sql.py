@@ -41,7 +41,7 @@ INSERT_JOB = """
     INSERT INTO jobs (job_id, status, created_at, updated_at, input_data)
     VALUES (?, 'processing', ?, ?, ?)
 """
-INSERT_LEASE = "INSERT INTO job_leases (job_id, lease_until) VALUES (?, ?)"
+INSERT_LEASE = "INSERT INTO job_leases (job_id, owner, attempts, lease_until) VALUES (?, ?, ?, ?)"
 # Claims and finishes of one batch are each one statement; RETURNING says which landed.
 CLAIM = """
     UPDATE job_leases SET owner = ?, attempts = attempts + 1, lease_until = ?
@@ -144,6 +144,7 @@ def outcome_status(error: str | None) -> JobStatus:
 class _Insert:
     job_id: str
     input_json: str
+    owner: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,9 +206,15 @@ class SQLJobStore(ABC):
         """Raise StoreError unless a query answers."""
         await self._fetch("SELECT 1", ())
 
-    async def create_job(self, job_id: str, input_json: str) -> None:
-        """Insert an unclaimed job; other processes may take it after the grace time."""
-        await self._writes.submit(_Insert(job_id, input_json))
+    async def create_job(
+        self, job_id: str, input_json: str, owner: str | None = None
+    ) -> Claim | None:
+        """Insert a job claimed by ``owner`` (its first attempt), or unclaimed without one.
+
+        An unclaimed job may be taken by any process's sweep once its grace time is over.
+        """
+        await self._writes.submit(_Insert(job_id, input_json, owner))
+        return Claim(job_id, owner, 1) if owner is not None else None
 
     async def claim(self, job_id: str, owner: str) -> Claim | None:
         """Claim the job if it is processing, has attempts left and no live lease."""
@@ -240,11 +247,17 @@ class SQLJobStore(ABC):
         async with self._transaction() as tx:
             inserts = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Insert)]
             if inserts:
-                deadline = now + self._policy.claim_grace_seconds
+                grace = now + self._policy.claim_grace_seconds
+                until = now + self._policy.lease_seconds
                 stamp = iso_utc(now)
                 jobs = [(op.job_id, stamp, stamp, op.input_json) for _, op in inserts]
                 await tx.execute_many(self._sql(INSERT_JOB), jobs)
-                leases = [(op.job_id, deadline) for _, op in inserts]
+                leases = [
+                    (op.job_id, None, 0, grace)
+                    if op.owner is None
+                    else (op.job_id, op.owner, 1, until)
+                    for _, op in inserts
+                ]
                 await tx.execute_many(self._sql(INSERT_LEASE), leases)
                 results.update((i, None) for i, _ in inserts)
             claims = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Claim)]
