@@ -24,7 +24,10 @@ def redact(url: str) -> str:
 class Settings(BaseSettings):
     """Every knob of the service; each is an environment variable of the same name."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+    # Inputs are left out of validation errors: DATABASE_URL may hold a password.
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str = Field(
         "sqlite:///./data/jobs.db",

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app.config import Settings
+from app.config import Settings, redact
 from app.main import EXIT_CORRUPT_DATABASE
 from tests.conftest import ROOT, count_jobs, wait_finished
 
@@ -132,3 +132,12 @@ def test_server_refuses_to_start_on_a_file_that_is_not_a_database(
 def test_unsupported_database_url_is_refused_when_settings_are_read(url: str) -> None:
     with pytest.raises(ValueError, match="DATABASE_URL"):
         Settings(database_url=url)
+
+
+def test_passwords_in_database_urls_are_not_repeated() -> None:
+    assert redact("postgresql://jobs:s3cret@db:5432/jobs") == "postgresql://jobs:***@db:5432/jobs"
+    assert redact("postgresql://jobs@db/jobs") == "postgresql://jobs@db/jobs"
+    assert redact("sqlite:///./data/jobs.db") == "sqlite:///./data/jobs.db"
+    with pytest.raises(ValueError, match="DATABASE_URL") as refused:
+        Settings(database_url="mysql://jobs:s3cret@db/jobs")
+    assert "s3cret" not in str(refused.value)
