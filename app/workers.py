@@ -1,8 +1,10 @@
 """Where CPU-bound work runs: never on the event loop.
 
-Small inputs go to a thread (cheap to hand over; they hold the GIL only briefly). Large ones go
-to a worker process, so parsing or transforming megabytes cannot starve the event loop of the
-GIL and ``GET /check_status`` stays fast. Inputs cross as one string, not as many objects.
+Small inputs go to a thread (cheap to hand over; they hold the GIL only briefly). Large ones
+take turns on a thread of their own, so one large payload's memory is alive at a time; or, with
+``FLOW_PROCESSES`` set, go to worker processes, so parsing or transforming megabytes never
+competes with the event loop for the GIL (at the cost of a process's memory and copying the
+payload across). Inputs cross as one string, not as many objects.
 """
 
 import asyncio
@@ -52,7 +54,7 @@ class CpuWorkers:
             warm_up.add_done_callback(_log_failed_warm_up)
 
     async def run(self, function: Callable[[Payload], T], payload: Payload) -> T:
-        """Run ``function(payload)`` off the event loop, in a process if the payload is large."""
+        """Run ``function(payload)`` off the event loop (a large payload as configured)."""
         if not self._is_large(payload):
             return await asyncio.to_thread(function, payload)
         if self._processes == 0:
