@@ -304,6 +304,8 @@ def test_postgres_mode_runs_three_replicas_rolling_with_the_default_pod_settings
         assert pod[key] == pod_spec()[key], key
     assert scaled["metadata"]["name"] == default["metadata"]["name"]
     assert postgres_mode()["Service"]["spec"] == manifests()["Service"]["spec"]
+    database_timeout = float(postgres_mode()["ConfigMap"]["data"]["DATABASE_TIMEOUT_SECONDS"])
+    assert database_timeout < mine["readinessProbe"]["timeoutSeconds"]
     # No volume of its own: the state is in PostgreSQL; /tmp is the only writable place.
     assert [m["mountPath"] for m in mine["volumeMounts"]] == ["/tmp"]
 

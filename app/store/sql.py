@@ -165,17 +165,22 @@ class _Renew:
     claims: tuple[Claim, ...]
 
 
-_Write = _Insert | _Claim | _Finish | _Renew
+@dataclass(frozen=True, slots=True)
+class _Release:
+    claims: tuple[Claim, ...]
+
+
+_Write = _Insert | _Claim | _Finish | _Renew | _Release
 
 
 class SQLJobStore(ABC):
     """The JobStore protocol over any backend that can open a transaction.
 
-    Inserts, claims, finishes and renewals issued while a write transaction is in flight all
-    go into the next one (group commit; each caller is still answered only after its commit),
-    and status lookups made at the same moment share one query. Going through that one queue
-    also means a process's own writes to its leases never run in two transactions at once, so
-    a heartbeat cannot deadlock with a finish on PostgreSQL's row locks.
+    Inserts, claims, finishes, renewals and releases issued while a write transaction is in
+    flight all go into the next one (group commit; each caller is still answered only after
+    its commit), and status lookups made at the same moment share one query. Going through
+    that one queue also means a process's own writes to its leases never run in two
+    transactions at once, so a heartbeat cannot deadlock with a finish on PostgreSQL's locks.
     """
 
     def __init__(self, policy: LeasePolicy, clock: Clock, dialect: Dialect) -> None:
@@ -241,7 +246,7 @@ class SQLJobStore(ABC):
         raise AssertionError("unreachable")
 
     async def _apply_writes_once(self, ops: Sequence[_Write]) -> list[Any]:
-        """Apply one batch in one transaction: inserts, claims, finishes, then renewals."""
+        """Apply one batch in one transaction: inserts, claims, finishes, renewals, releases."""
         now = self._clock()
         results: dict[int, Any] = {}
         async with self._transaction() as tx:
@@ -266,6 +271,11 @@ class SQLJobStore(ABC):
             results.update(await self._apply_finishes(tx, finishes, now))
             renewals = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Renew)]
             results.update(await self._apply_renewals(tx, renewals, now))
+            releases = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Release)]
+            if releases:
+                rows = [(now, *fence(c)) for _, op in releases for c in op.claims]
+                await tx.execute_many(self._sql(RELEASE), rows)
+                results.update((i, None) for i, _ in releases)
         return [results[i] for i in range(len(ops))]
 
     async def _apply_renewals(
@@ -383,6 +393,6 @@ class SQLJobStore(ABC):
 
     async def release(self, claims: Iterable[Claim]) -> None:
         """Drop these leases now so the next sweep, here or elsewhere, takes the jobs."""
-        now = self._clock()
-        async with self._transaction() as tx:
-            await tx.execute_many(self._sql(RELEASE), [(now, *fence(c)) for c in claims])
+        claims = tuple(claims)
+        if claims:
+            await self._writes.submit(_Release(claims))
