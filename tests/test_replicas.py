@@ -62,6 +62,21 @@ def finishes(postgres: PostgresDatabase) -> dict[str, int]:
     return dict(postgres.query("SELECT job_id, count(*) FROM finishes GROUP BY job_id"))
 
 
+def held_by(postgres: PostgresDatabase, server: Server) -> int:
+    """How many jobs this replica holds a lease on (its owner id carries its pid)."""
+    owner = f"%:{server.process.pid}:%"
+    [(count,)] = postgres.query(f"SELECT count(*) FROM job_leases WHERE owner LIKE '{owner}'")
+    return int(count)
+
+
+def wait_until_completed(postgres: PostgresDatabase) -> None:
+    """Until some job is completed: the replica holding jobs is now mid-run."""
+    deadline = time.monotonic() + 60
+    while not postgres.query("SELECT 1 FROM jobs WHERE status = 'completed' LIMIT 1"):
+        assert time.monotonic() < deadline, "no job completed"
+        time.sleep(0.02)
+
+
 def test_a_job_submitted_to_one_replica_is_seen_and_fetched_from_the_others(
     replicas: list[Server],
 ) -> None:
@@ -90,13 +105,8 @@ def test_kill_9_of_the_replica_running_jobs_another_finishes_each_once(
     victim, survivor, _ = replicas
     jobs = [big_job(n) for n in range(24)]
     ids = submit_all(victim, jobs)
-    deadline = time.monotonic() + 60
-    while not postgres.query("SELECT 1 FROM jobs WHERE status = 'completed' LIMIT 1"):
-        assert time.monotonic() < deadline, "no job completed"
-        time.sleep(0.02)
-    held = postgres.query(
-        f"SELECT count(*) FROM job_leases WHERE owner LIKE '%:{victim.process.pid}:%'"
-    )[0][0]
+    wait_until_completed(postgres)
+    held = held_by(postgres, victim)
     victim.process.send_signal(signal.SIGKILL)
     victim.process.wait()
     assert held > 0, "the kill came too late to prove anything: the victim held no job"
@@ -105,6 +115,26 @@ def test_kill_9_of_the_replica_running_jobs_another_finishes_each_once(
     assert_all_complete_with_their_own_results(survivor, ids, jobs, within=30)
     # The victim's leases last 2 s; every replica sweeps each second.
     assert time.monotonic() - started < 15
+    assert finishes(postgres) == dict.fromkeys(ids, 1)
+
+
+def test_sigterm_of_a_replica_hands_its_unfinished_jobs_to_the_others(
+    replicas: list[Server], postgres: PostgresDatabase, tmp_path: Path
+) -> None:
+    """A rolling update: the replica drains, releases what it did not finish, exits cleanly."""
+    no_grace = FAST_RECOVERY | {"SHUTDOWN_TIMEOUT_SECONDS": "0"}
+    leaving = start_server(postgres.url, tmp_path / "leaving.log", no_grace)
+    jobs = [big_job(n, items=60_000) for n in range(4)]
+    ids = submit_all(leaving, jobs)
+    # The last job was accepted while a slot was free, so the replica holds it; it is large,
+    # so it cannot be finished in the moment before the signal lands.
+    assert held_by(postgres, leaving) > 0
+    leaving.process.send_signal(signal.SIGTERM)
+    leaving.process.wait(timeout=30)
+    assert leaving.process.returncode in (0, -signal.SIGTERM), leaving.log()
+    assert "Application shutdown complete." in leaving.log()
+    assert "unfinished jobs for the next process" in leaving.log(), "nothing was released"
+    assert_all_complete_with_their_own_results(replicas[0], ids, jobs, within=30)
     assert finishes(postgres) == dict.fromkeys(ids, 1)
 
 
