@@ -39,6 +39,9 @@ class JobRunner:
         # there are worker processes to work on them.
         self._large = asyncio.Semaphore(max(1, settings.flow_processes))
         self._held: dict[str, Claim] = {}
+        # Jobs accepted here unclaimed and not yet tried: on shutdown they are handed back, so
+        # another process need not wait out their grace time.
+        self._queued: set[str] = set()
         self._executions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -114,6 +117,7 @@ class JobRunner:
         A job waiting for a free slot then holds only its id (and small input), not the
         request it came with.
         """
+        self._queued.add(job_id)
         self._spawn(self.run_expand_reduce_flow(job_id, input_json))
 
     async def run_expand_reduce_flow(self, job_id: str, input_json: str | None = None) -> None:
@@ -122,10 +126,11 @@ class JobRunner:
         ``input_json`` is the job's input if the caller has it at hand; otherwise it is read.
         """
         if self._stopping:
-            return  # unclaimed: the next process's sweep runs it
+            return  # unclaimed: stop() hands it back for another process's sweep
         async with self._slots:
             if self._stopping:
                 return
+            self._queued.discard(job_id)
             try:
                 claim = await self._store.claim(job_id, self.owner)
             except StoreError as error:
@@ -225,9 +230,13 @@ class JobRunner:
         await asyncio.gather(*self._executions, *self._background, return_exceptions=True)
         if self._held:
             logger.info("releasing %d unfinished jobs for the next process", len(self._held))
+        if self._queued:
+            logger.info("handing back %d jobs that had not started", len(self._queued))
+        if self._held or self._queued:
             with contextlib.suppress(StoreError):
-                await self._store.release(self._held.values())
+                await self._store.release(self._held.values(), unclaimed=self._queued)
             self._held.clear()
+            self._queued.clear()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)

@@ -216,3 +216,24 @@ async def test_an_accepted_job_is_inserted_claimed_when_a_slot_is_free_and_waits
     assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a b": "1 2"}], None)
     assert await outcome(store, B) == (JobStatus.COMPLETED, [{"b": "1"}], None)
     await runner.stop()
+
+
+async def test_on_shutdown_held_and_waiting_jobs_are_handed_back_at_once(
+    store: JobStore, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_slot = settings.model_copy(update={"flow_concurrency": 1, "shutdown_timeout_seconds": 0})
+    runner = make_runner(store, one_slot)
+    never = asyncio.Event()
+
+    async def stuck(payload: str) -> str:
+        await never.wait()
+        return payload
+
+    monkeypatch.setattr(runner._workers, "run_flow", stuck)
+    await runner.accept(A, '[{"a":"1"}]', keep_input=True)  # claimed, running, stuck
+    await runner.accept(B, '[{"b":"1"}]', keep_input=True)  # unclaimed, waiting for the slot
+    await asyncio.sleep(0.05)
+    await runner.stop()
+    clock.advance(0.001)  # neither A's lease nor B's grace time has run out
+    claims = await store.claim_stale("next", 10)
+    assert sorted((claim.job_id, claim.attempt) for claim in claims) == [(A, 2), (B, 1)]

@@ -121,8 +121,12 @@ class JobStore(Protocol):
     async def finish(self, claim: Claim, *, output_json: str | None, error: str | None) -> bool:
         """Record the outcome if ``claim`` is still the job's current claim; say whether it was."""
 
-    async def release(self, claims: Iterable[Claim]) -> None:
-        """Give these claims up so another process can take the jobs at once."""
+    async def release(self, claims: Iterable[Claim], unclaimed: Iterable[str] = ()) -> None:
+        """Give these claims up so another process can take the jobs at once.
+
+        ``unclaimed`` names jobs this process accepted but never claimed: their grace time is
+        cut short, for the same reason.
+        """
 
     def on_jobs_released(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` when another process releases jobs, if the backend can tell.

@@ -167,11 +167,11 @@ class PostgresJobStore(SQLJobStore):
         await self._flush()
         await self._pool.close()
 
-    async def release(self, claims: Iterable[Claim]) -> None:
-        """Give these claims up, and tell the other replicas so they sweep now."""
-        claims = list(claims)
-        await super().release(claims)
-        if claims:
+    async def release(self, claims: Iterable[Claim], unclaimed: Iterable[str] = ()) -> None:
+        """Give these jobs up, and tell the other replicas so they sweep now."""
+        claims, unclaimed = list(claims), list(unclaimed)
+        await super().release(claims, unclaimed)
+        if claims or unclaimed:
             with contextlib.suppress(StoreError):  # a hint only; their sweeps come anyway
                 await self._fetch("SELECT pg_notify(%s, '')", (RELEASED_CHANNEL,))
 

@@ -81,6 +81,7 @@ RELEASE = """
     UPDATE job_leases SET owner = NULL, lease_until = ?
     WHERE job_id = ? AND owner = ? AND attempts = ?
 """
+END_GRACE = "UPDATE job_leases SET lease_until = ? WHERE job_id IN ({ids}) AND owner IS NULL"
 STATUSES = "SELECT job_id, status, created_at, updated_at, error FROM jobs WHERE job_id IN ({ids})"
 RESULT = "SELECT status, created_at, updated_at, output_data, error FROM jobs WHERE job_id = ?"
 INPUT = "SELECT input_data FROM jobs WHERE job_id = ?"
@@ -168,6 +169,7 @@ class _Renew:
 @dataclass(frozen=True, slots=True)
 class _Release:
     claims: tuple[Claim, ...]
+    unclaimed: tuple[str, ...]
 
 
 _Write = _Insert | _Claim | _Finish | _Renew | _Release
@@ -274,7 +276,10 @@ class SQLJobStore(ABC):
             releases = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Release)]
             if releases:
                 rows = [(now, *fence(c)) for _, op in releases for c in op.claims]
-                await tx.execute_many(self._sql(RELEASE), rows)
+                if rows:
+                    await tx.execute_many(self._sql(RELEASE), rows)
+                for chunk in chunks([job_id for _, op in releases for job_id in op.unclaimed]):
+                    await tx.execute(self._sql(END_GRACE, ids=marks(len(chunk))), (now, *chunk))
                 results.update((i, None) for i, _ in releases)
         return [results[i] for i in range(len(ops))]
 
@@ -391,8 +396,8 @@ class SQLJobStore(ABC):
     def on_jobs_released(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` when another process releases jobs, if the backend can tell."""
 
-    async def release(self, claims: Iterable[Claim]) -> None:
-        """Drop these leases now so the next sweep, here or elsewhere, takes the jobs."""
-        claims = tuple(claims)
-        if claims:
-            await self._writes.submit(_Release(claims))
+    async def release(self, claims: Iterable[Claim], unclaimed: Iterable[str] = ()) -> None:
+        """Drop these leases (and unclaimed jobs' grace) now: the next sweep takes the jobs."""
+        op = _Release(tuple(claims), tuple(unclaimed))
+        if op.claims or op.unclaimed:
+            await self._writes.submit(op)
