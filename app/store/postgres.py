@@ -68,7 +68,7 @@ LISTEN_RETRY_SECONDS = 5.0
 
 
 class _PostgresTransaction:
-    """A pooled connection inside a transaction."""
+    """A pooled connection, inside a transaction (or, for a single read, not)."""
 
     def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
         self._connection = connection
@@ -103,20 +103,21 @@ class PostgresJobStore(SQLJobStore):
         self.url = redact(url)
         self._url = url
         self._listener: asyncio.Task[None] | None = None
-        self._timeout = timeout_seconds
         self._startup_timeout = startup_timeout_seconds
+        # For the pool's connections and the LISTEN one. Reads run alone; writes open a
+        # transaction of their own (``_transaction``).
+        self._connection_options: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(1, math.ceil(timeout_seconds)),
+            "application_name": "expand-reduce-service",
+        }
         self._pool = AsyncConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
             open=False,
             timeout=timeout_seconds,
-            # Reads run alone; writes open a transaction of their own (``_transaction``).
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(1, math.ceil(timeout_seconds)),
-                "application_name": "expand-reduce-service",
-            },
+            kwargs=self._connection_options,
             name="jobs",
         )
 
@@ -188,7 +189,7 @@ class PostgresJobStore(SQLJobStore):
         while True:
             try:
                 connection = await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True, connect_timeout=max(1, math.ceil(self._timeout))
+                    self._url, **self._connection_options
                 )
                 async with connection:
                     await connection.execute(f"LISTEN {RELEASED_CHANNEL}")
@@ -214,8 +215,7 @@ class PostgresJobStore(SQLJobStore):
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
         try:
             async with self._pool.connection() as connection:
-                cursor = await connection.execute(sql, params)
-                return list(await cursor.fetchall())
+                return await _PostgresTransaction(connection).fetch(sql, params)
         except (psycopg.Error, PoolTimeout) as error:
             raise self._translate(error) from error
 
