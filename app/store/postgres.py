@@ -25,11 +25,10 @@ from app.store import (
     Clock,
     LeasePolicy,
     StoreConflictError,
-    StoreCorruptError,
     StoreError,
     StoreUnavailableError,
 )
-from app.store.sql import Dialect, Row, SQLJobStore
+from app.store.sql import Dialect, Row, SQLJobStore, upgrade_schema
 
 logger = logging.getLogger(__name__)
 
@@ -144,19 +143,13 @@ class PostgresJobStore(SQLJobStore):
             await tx.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             await tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)", ())
             rows = await tx.fetch("SELECT version FROM schema_version", ())
-            version = rows[0][0] if rows else 0
-            if version > len(MIGRATIONS):
-                raise StoreCorruptError(
-                    f"{self.url} has schema version {version}, newer than this service knows "
-                    f"({len(MIGRATIONS)}); refusing to touch it"
-                )
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    await tx.execute(statement, ())
-                logger.info("database %s upgraded to schema version %d", self.url, number)
-            if version < len(MIGRATIONS):
+
+            async def record(number: int) -> None:
                 await tx.execute("DELETE FROM schema_version", ())
-                await tx.execute("INSERT INTO schema_version VALUES (%s)", (len(MIGRATIONS),))
+                await tx.execute("INSERT INTO schema_version VALUES (%s)", (number,))
+
+            version = rows[0][0] if rows else 0
+            await upgrade_schema(tx, MIGRATIONS, version, record, self.url)
 
     async def close(self) -> None:
         """Apply what is queued, then close the pool; safe to call twice."""

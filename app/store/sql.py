@@ -13,7 +13,7 @@ lease means the same on every backend and tests can move the clock.
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -27,6 +27,7 @@ from app.store import (
     JobRecord,
     LeasePolicy,
     StoreConflictError,
+    StoreCorruptError,
     iso_utc,
 )
 
@@ -134,6 +135,29 @@ def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
 def fence(claim: Claim) -> tuple[str, str, int]:
     """What must still match for a claim to act: the job, its owner and the attempt."""
     return claim.job_id, claim.owner, claim.attempt
+
+
+async def upgrade_schema(
+    tx: Transaction,
+    migrations: Sequence[str],
+    version: int,
+    record: Callable[[int], Awaitable[object]],
+    where: str,
+) -> None:
+    """Run, in ``tx``, the migrations after schema ``version``, calling ``record`` after each.
+
+    Raises StoreCorruptError for a schema newer than this service knows: it is left untouched.
+    """
+    if version > len(migrations):
+        raise StoreCorruptError(
+            f"{where} has schema version {version}, newer than this service knows "
+            f"({len(migrations)}); refusing to touch it"
+        )
+    for number, script in enumerate(migrations[version:], start=version + 1):
+        for statement in filter(str.strip, script.split(";")):
+            await tx.execute(statement, ())
+        await record(number)
+        logger.info("database %s upgraded to schema version %d", where, number)
 
 
 def outcome_status(error: str | None) -> JobStatus:

@@ -22,7 +22,7 @@ from app.store import (
     StoreError,
     StoreUnavailableError,
 )
-from app.store.sql import Dialect, Row, SQLJobStore
+from app.store.sql import Dialect, Row, SQLJobStore, upgrade_schema
 
 # Checkpoints run at most this often: each ends with a sync of the database file.
 CHECKPOINT_PAUSE_SECONDS = 0.05
@@ -190,16 +190,12 @@ class SQLiteJobStore(SQLJobStore):
         try:
             rows = await db.execute_fetchall("PRAGMA user_version")
             version = next(iter(rows))[0]
-            if version > len(MIGRATIONS):
-                raise StoreCorruptError(
-                    f"{self.path} has schema version {version}, newer than this service knows "
-                    f"({len(MIGRATIONS)}); refusing to touch it"
-                )
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    await db.execute(statement)
+
+            async def record(number: int) -> None:
                 await db.execute(f"PRAGMA user_version = {number}")
-                logger.info("database %s upgraded to schema version %d", self.path, number)
+
+            tx = _SQLiteTransaction(db)
+            await upgrade_schema(tx, MIGRATIONS, version, record, str(self.path))
             await db.commit()
         except BaseException:
             await db.rollback()
