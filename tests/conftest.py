@@ -117,13 +117,20 @@ def postgres_url() -> Iterator[str]:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)'.encode())
 
 
+@pytest.fixture
+def postgres(postgres_url: str) -> PostgresDatabase:
+    """This run's PostgreSQL database, emptied for the test."""
+    database = PostgresDatabase(postgres_url)
+    database.reset()
+    return database
+
+
 @pytest.fixture(params=BACKENDS)
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> FreshDatabase:
     """An empty database of each backend in turn."""
     if request.param == "sqlite":
         return SQLiteDatabase(tmp_path / "jobs.db")
-    postgres = PostgresDatabase(request.getfixturevalue("postgres_url"))
-    postgres.reset()
+    postgres: PostgresDatabase = request.getfixturevalue("postgres")
     return postgres
 
 

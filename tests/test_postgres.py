@@ -23,13 +23,6 @@ JOB = {"job": {"input_data": [{"a": "1", "b": "2"}]}}
 
 
 @pytest.fixture
-def postgres(postgres_url: str) -> PostgresDatabase:
-    database = PostgresDatabase(postgres_url)
-    database.reset()
-    return database
-
-
-@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 

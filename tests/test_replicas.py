@@ -34,13 +34,6 @@ CREATE TRIGGER record_finish AFTER UPDATE OF status ON jobs
 
 
 @pytest.fixture
-def postgres(postgres_url: str) -> PostgresDatabase:
-    database = PostgresDatabase(postgres_url)
-    database.reset()
-    return database
-
-
-@pytest.fixture
 def replicas(postgres: PostgresDatabase, tmp_path: Path) -> Iterator[list[Server]]:
     """Three replicas started at the same moment (so they also race to create the schema)."""
     with ThreadPoolExecutor(3) as pool:
