@@ -12,13 +12,13 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from app.config import Settings
+from app.jobs import JobStatus
 from app.runner import JobRunner
 from app.schemas import (
     EXAMPLE_JOB_ID,
     ErrorResponse,
     InvalidJobRequestError,
     InvalidJSONError,
-    JobStatus,
     ResultResponse,
     StatusResponse,
     SubmitResponse,

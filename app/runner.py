@@ -17,7 +17,8 @@ from typing import Any
 
 from app.config import Settings
 from app.flow import KeyCollisionError
-from app.store import Claim, JobStore, StoreError
+from app.jobs import Claim
+from app.store import JobStore, StoreError
 from app.workers import CpuWorkers, WorkerCrashedError
 
 logger = logging.getLogger(__name__)

@@ -10,13 +10,13 @@ import contextlib
 import json
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, NoReturn
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.flow import items_json
+from app.jobs import JobStatus
 
 JSON_SCALAR_TYPES = (str, int, float, bool, type(None))
 # The JSON parsers build exactly these types, so a set lookup per value can stand in for isinstance.
@@ -26,17 +26,6 @@ NO_NUL = "^[^\\u0000]*$"
 MAX_REPORTED_ERRORS = 20
 # Bodies from this size on are parsed by the standard library's parser, for its lower peak.
 STDLIB_PARSE_MIN_BYTES = 64 * 1024
-
-
-class JobStatus(StrEnum):
-    """Where a job is in its life."""
-
-    # Accepted and stored; waiting for a worker or running now.
-    PROCESSING = "processing"
-    # Finished; the result is stored and final.
-    COMPLETED = "completed"
-    # Finished without a result; `error` says why. Final.
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)

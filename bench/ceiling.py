@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from app.schemas import JobStatus, ResultResponse, StatusResponse, SubmitResponse
+from app.jobs import JobStatus
+from app.schemas import ResultResponse, StatusResponse, SubmitResponse
 
 app = FastAPI(title="ceiling")
 NOW = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

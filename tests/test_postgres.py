@@ -11,9 +11,9 @@ import psycopg
 import pytest
 
 from app.config import Settings
+from app.jobs import Claim, JobStatus
 from app.main import EXIT_DATABASE_UNAVAILABLE
-from app.schemas import JobStatus
-from app.store import Claim, JobStore, StoreCorruptError, open_store
+from app.store import JobStore, StoreCorruptError, open_store
 from app.store.postgres import MIGRATIONS, PostgresJobStore
 from tests.conftest import ROOT, PostgresDatabase, free_port, serving
 from tests.test_runner import make_runner

@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from app.config import Settings
+from app.jobs import JobStatus
 from app.runner import JobRunner
-from app.schemas import JobStatus
 from app.store import JobStore, open_store
 from app.workers import CpuWorkers
 from tests.conftest import FreshDatabase

@@ -14,9 +14,8 @@ import orjson
 import pytest
 
 from app.config import Settings
-from app.schemas import JobStatus
+from app.jobs import Claim, JobStatus
 from app.store import (
-    Claim,
     JobStore,
     LeasePolicy,
     StoreConflictError,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
-from app.schemas import JobStatus
+from app.jobs import Claim, JobStatus
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -56,15 +56,6 @@ class JobRecord:
     updated_at: str
     output_data: str | None
     error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """The right to run one attempt of one job, held by ``owner`` while its lease lasts."""
-
-    job_id: str
-    owner: str
-    attempt: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.config import redact
+from app.jobs import Claim
 from app.store import (
-    Claim,
     Clock,
     LeasePolicy,
     StoreConflictError,

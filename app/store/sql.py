@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from app.batching import Batcher
-from app.schemas import JobStatus
+from app.jobs import Claim, JobStatus
 from app.store import (
     INTERRUPTED_TOO_OFTEN,
-    Claim,
     Clock,
     JobRecord,
     LeasePolicy,
