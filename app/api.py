@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any, NoReturn
 
 import orjson
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from app.config import Settings
@@ -143,15 +143,17 @@ async def submit_job(request: Request) -> Response:
     del body  # megabytes for a large job; not needed while the job is stored and run
     _require_accepting(runner)  # shutdown may have begun while the body was read
     job_id = str(uuid.uuid4())
-    # A small input rides along, saving a read; a large one is read back when the job runs, so
-    # a queue of large jobs does not hold their inputs in memory.
-    small = len(input_json) < settings.flow_process_threshold_bytes
-    await runner.accept(job_id, input_json, keep_input=small)
+    accepted = await runner.accept(job_id, input_json)
+    # As the seed describes: once answered, a background task runs run_expand_reduce_flow.
+    # Built here rather than declared as a dependency, which would cost a tenth of a request.
+    background = BackgroundTasks()
+    background.add_task(runner.run_expand_reduce_flow, accepted)
     return Response(
         orjson.dumps({"job_id": job_id}),
         status_code=202,
         headers={"Location": f"/check_status/{job_id}"},
         media_type="application/json",
+        background=background,
     )
 
 

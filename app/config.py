@@ -1,14 +1,17 @@
 """Settings: one object, read from the environment once at startup."""
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.schemas import RequestLimits
 
 MiB = 1024 * 1024
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# A sweep (which also notices dead processes) runs at least this often by default.
+SWEEP_INTERVAL_DEFAULT_MAX = 2.0
 
 
 def redact(url: str) -> str:
@@ -70,11 +73,20 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(
         3, gt=0, description="Runs a job may start before it is failed as interrupted too often."
     )
+    job_timeout_seconds: float = Field(
+        600.0, gt=0, description="How long one run of a job may take before it is failed."
+    )
     heartbeat_interval_seconds: float | None = Field(
-        None, gt=0, description="How often running jobs' leases are renewed; lease / 3 if unset."
+        None,
+        gt=0,
+        description="How often running jobs' leases are renewed (below half the lease); "
+        "lease / 3 if unset.",
     )
     sweep_interval_seconds: float | None = Field(
-        None, gt=0, description="How often stale jobs are looked for; lease / 2 if unset."
+        None,
+        gt=0,
+        description="How often stale jobs and dead processes are looked for (at most the "
+        "lease); the smaller of lease / 2 and 2 s if unset.",
     )
     shutdown_timeout_seconds: float = Field(
         15.0, ge=0, description="How long shutdown waits for running jobs before releasing them."
@@ -102,7 +114,9 @@ class Settings(BaseSettings):
     result_retry_after_seconds: int = Field(
         1, ge=1, description="Retry-After sent with a result that is not ready yet."
     )
-    log_level: str = Field("INFO", description="Log level of the service's own logger.")
+    log_level: str = Field(
+        "INFO", description="Log level of the service's own logger: " + ", ".join(LOG_LEVELS) + "."
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -116,6 +130,31 @@ class Settings(BaseSettings):
             )
         return url
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL {level!r} is not one of {', '.join(LOG_LEVELS)}")
+        return level.upper()
+
+    @model_validator(mode="after")
+    def _leases_can_be_kept(self) -> Self:
+        """Refuse timings under which a healthy process could lose its jobs' leases."""
+        lease = self.job_lease_seconds
+        if self.heartbeat_interval >= lease / 2:
+            raise ValueError(
+                f"HEARTBEAT_INTERVAL_SECONDS ({self.heartbeat_interval:g}) must be below half of "
+                f"JOB_LEASE_SECONDS ({lease:g}), so every lease is renewed at least twice "
+                "before it could run out"
+            )
+        if self.sweep_interval > lease:
+            raise ValueError(
+                f"SWEEP_INTERVAL_SECONDS ({self.sweep_interval:g}) must be at most "
+                f"JOB_LEASE_SECONDS ({lease:g}), so a job left behind waits at most about "
+                "one lease plus one sweep"
+            )
+        return self
+
     @property
     def heartbeat_interval(self) -> float:
         """Seconds between lease renewals of running jobs."""
@@ -123,8 +162,10 @@ class Settings(BaseSettings):
 
     @property
     def sweep_interval(self) -> float:
-        """Seconds between looks for jobs nobody is running."""
-        return self.sweep_interval_seconds or self.job_lease_seconds / 2
+        """Seconds between looks for jobs nobody is running (and processes that died)."""
+        if self.sweep_interval_seconds is not None:
+            return self.sweep_interval_seconds
+        return min(self.job_lease_seconds / 2, SWEEP_INTERVAL_DEFAULT_MAX)
 
     @property
     def limits(self) -> RequestLimits:

@@ -11,7 +11,7 @@ ReduceOp node per job rather than per item, because uniflow's ``Node`` bookkeepi
 would cost more than the split/merge itself. This module is pure: no I/O and no globals.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -40,6 +40,15 @@ class KeyCollisionError(ValueError):
             f"{where}output key {self.key!r} would be written twice; "
             "merging would silently overwrite a value"
         )
+
+
+class FlowStopped(Exception):
+    """The flow was asked to stop (timed out, cancelled, or its claim was lost) and did."""
+
+
+def never() -> bool:
+    """A ``should_stop`` that never asks a flow to stop."""
+    return False
 
 
 def as_text(value: JSONScalar) -> str:
@@ -162,16 +171,19 @@ def _unlink(root: Node) -> None:
 BATCH_ITEMS = 1_000
 
 
-def expand_reduce_json(input_json: str) -> str:
+def expand_reduce_json(input_json: str, should_stop: Callable[[], bool] = never) -> str:
     """Run the flow on a job's input JSON and return its result as JSON text.
 
     This is what a worker thread or process runs: text in, text out, so a large job crosses a
     process boundary as one string rather than as many small objects. Input in the layout of
-    ``items_json`` (one object per line) is parsed and transformed a batch at a time.
+    ``items_json`` (one object per line) is parsed and transformed a batch at a time, and
+    before each batch ``should_stop`` is asked whether to give up (raising FlowStopped).
     """
     parts: list[str] = []
     offset = 0
     for items in _batches(input_json):
+        if should_stop():
+            raise FlowStopped(f"stopped after {offset} objects")
         try:
             merged = expand_reduce(items)
         except KeyCollisionError as error:

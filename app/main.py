@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,13 +16,14 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
 
 from app import api
 from app.config import Settings, redact
 from app.runner import JobRunner
 from app.schemas import job_request_schema
-from app.store import StoreCorruptError, StoreUnavailableError, open_store
+from app.store import StoreCorruptError, StoreUnavailableError, make_store
 from app.workers import CpuWorkers, return_large_buffers_to_the_system
 
 logger = logging.getLogger("app")
@@ -33,8 +35,21 @@ DESCRIPTION = (
     "split in two halves by uniflow's ExpandOp and merged back pairwise by its ReduceOp."
 )
 SWAGGER_ASSETS = "/static/swagger-ui"
-EXIT_CORRUPT_DATABASE = 78  # EX_CONFIG: the configuration (here, the database file) is wrong
+EXIT_CONFIG = 78  # EX_CONFIG: the configuration is wrong (the settings, or the database file)
 EXIT_DATABASE_UNAVAILABLE = 69  # EX_UNAVAILABLE: the database could not be reached in time
+
+
+def load_settings() -> Settings:
+    """Read the settings; refuse to start, saying what is wrong, if they do not fit together."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        for problem in error.errors():
+            name = "_".join(str(part) for part in problem["loc"]).upper()
+            message = problem["msg"].removeprefix("Value error, ")
+            where = f"{name}: " if name and name not in message else ""
+            sys.stderr.write(f"invalid settings: {where}{message}\n")
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 def configure_logging(level: str) -> None:
@@ -76,20 +91,20 @@ def drain_on_signals(runner: JobRunner) -> Callable[[], None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the store opens and the runner starts only when the app starts."""
-    settings = settings or Settings()
+    settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         return_large_buffers_to_the_system()
-        store = open_store(settings)
+        store = make_store(settings)
         try:
             await store.open()
         except StoreCorruptError as error:
             # Starlette would turn this into a traceback in uvicorn's log; an operator needs
             # one line naming the file, and a process that does not come up.
             logger.critical("refusing to start: %s", error)
-            os._exit(EXIT_CORRUPT_DATABASE)
+            os._exit(EXIT_CONFIG)
         except StoreUnavailableError as error:
             logger.critical("cannot start: %s", error)
             os._exit(EXIT_DATABASE_UNAVAILABLE)

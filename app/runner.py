@@ -1,248 +1,359 @@
-"""Running jobs: claim, run the flow off the event loop, record the outcome; sweep; heartbeat.
+"""Running jobs, one way: a turn → a claim → the flow off the event loop → the outcome recorded.
 
-Every execution holds a claim (see ``app.store``). A job's first run is started by the submit
-request's background task; anything that falls through — a crash, a restart, a lost lease, a
-busy database — is picked up by the periodic sweep of this or any other process.
+A job reaches ``_execute`` in one of three ways, and only the way it gets its claim differs:
+
+* just submitted, with a turn free: the store inserted it already claimed for this process,
+  and the submission's background task (``run_expand_reduce_flow``) starts it;
+* just submitted, no turn free: it was inserted reserved for this process and waits here for
+  a turn, then claims it (unless its grace time ran out and another process took it);
+* found by the sweep: left behind by a process that died, stopped or lost its lease.
+
+The claims this process holds live in the store's registry (``JobStore.held``), which changes
+only when a write commits: the heartbeat renews exactly those, ``stop()`` releases exactly
+those. A claim is only ever taken with a turn in hand, so it starts at once, and none is taken
+once the process drains.
 """
 
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from app.capacity import Capacity, Turn
 from app.config import Settings
-from app.flow import KeyCollisionError
+from app.flow import FlowStopped, KeyCollisionError
 from app.jobs import Claim
 from app.store import JobStore, StoreError
-from app.workers import CpuWorkers, WorkerCrashedError
+from app.workers import CpuWorkers, FlowStop, WorkerCrashedError
 
 logger = logging.getLogger(__name__)
 
+# Backoff between tries to record an outcome the database refused.
+RECORD_RETRY_FIRST_SECONDS = 0.2
+RECORD_RETRY_MAX_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A job the store has committed, claimed for this process (with its turn) or reserved."""
+
+    claim: Claim
+    turn: Turn | None
+    input_json: str | None  # a small input rides along; a large one is read back when run
+    large: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one run produced: a result, or an error."""
+
+    output_json: str | None
+    error: str | None
+
 
 class JobRunner:
-    """Runs jobs for one process, at most ``flow_concurrency`` at a time."""
+    """Runs jobs for one process: at most ``FLOW_CONCURRENCY`` at a time, large ones by lanes."""
 
-    def __init__(
-        self, store: JobStore, workers: CpuWorkers, settings: Settings, owner: str | None = None
-    ) -> None:
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    def __init__(self, store: JobStore, workers: CpuWorkers, settings: Settings) -> None:
+        self.owner = store.owner
         self._store = store
         self._workers = workers
         self._settings = settings
-        self._slots = asyncio.Semaphore(settings.flow_concurrency)
-        # A job whose input is read from the database (a large one, or one recovered from
-        # another process) also takes one of these, so no more large inputs sit in memory than
-        # there are worker processes to work on them.
-        self._large = asyncio.Semaphore(max(1, settings.flow_processes))
-        self._held: dict[str, Claim] = {}
-        # Jobs accepted here unclaimed and not yet tried: on shutdown they are handed back, so
-        # another process need not wait out their grace time.
-        self._queued: set[str] = set()
-        self._executions: set[asyncio.Task[None]] = set()
-        self._background: set[asyncio.Task[None]] = set()
-        self._stopping = False
+        self._capacity = Capacity(settings.flow_concurrency, max(1, settings.flow_processes))
+        # The flows running now, by claim, so they can be asked to stop.
+        self._runs: dict[Claim, FlowStop] = {}
+        # Claims held with no run, seen by the last heartbeat: a second sighting is an orphan.
+        self._unrun: set[Claim] = set()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._draining = False
         self._drain_deadline: float | None = None
-        # Set when a slot frees up after a sweep that filled every free slot: there are
-        # probably more stale jobs, and they should not wait a whole sweep interval.
-        self._sweep_again = asyncio.Event()
+        # Set to sweep at once: another process released jobs, or a turn came free while the
+        # last sweep found more stale jobs than it could take.
+        self._sweep_now = asyncio.Event()
         self._backlog = False
 
     async def start(self) -> None:
-        """Start the sweep (which runs at once, recovering what a previous process left behind)."""
-        # Jobs another process gives up when it stops are swept at once where the store can
-        # tell, rather than at the next interval.
-        self._store.on_jobs_released(self._sweep_again.set)
-        self._spawn(self._every(self._settings.sweep_interval, self.sweep, self._sweep_again))
-        self._spawn(self._every(self._settings.heartbeat_interval, self.heartbeat))
+        """Start the sweep (at once, recovering what a previous process left) and the heartbeat."""
+        self._store.on_jobs_released(self._sweep_now.set)
+        self._sweeper = asyncio.create_task(
+            self._every(self._settings.sweep_interval, self.sweep, self._sweep_now)
+        )
+        self._heartbeat = asyncio.create_task(
+            self._every(self._settings.heartbeat_interval, self.heartbeat)
+        )
 
     @property
     def accepting(self) -> bool:
         """False once shutdown has begun: new jobs should go to another process."""
-        return not self._stopping
+        return not self._draining
 
     def begin_drain(self) -> None:
-        """Stop starting jobs; running ones get until the shutdown deadline to finish.
+        """Take no more claims; running jobs get until the shutdown deadline to finish.
 
         Safe to call from a signal handler: it only sets attributes.
         """
         if self._drain_deadline is None:
-            self._stopping = True
+            self._draining = True
+            self._store.stop_claiming()
             self._drain_deadline = time.monotonic() + self._settings.shutdown_timeout_seconds
 
-    async def accept(self, job_id: str, input_json: str, *, keep_input: bool) -> None:
-        """Store a new job and start it; return once it is committed.
-
-        With a slot free, the job is inserted already claimed by this process and runs at
-        once, saving the claim's write; otherwise it is inserted unclaimed and waits for a
-        slot here, or for another process's sweep after the grace time. ``keep_input`` says
-        whether to hold the input in memory until the job runs (a small one) rather than
-        read it back then (a large one).
-        """
-        reserved = await self._reserve_slot()
+    async def accept(self, job_id: str, input_json: str) -> Accepted:
+        """Store a new job, claimed for this process if a turn is free; return once committed."""
+        large = len(input_json) >= self._settings.flow_process_threshold_bytes
+        turn = None if self._draining else self._capacity.try_take(large=large)
         try:
-            claim = await self._store.create_job(
-                job_id, input_json, self.owner if reserved else None
-            )
+            claim = await self._store.create_job(job_id, input_json, claimed=turn is not None)
         except BaseException:
-            if reserved:
-                self._slots.release()
+            if turn is not None:
+                turn.release()
             raise
-        kept = input_json if keep_input else None
-        if claim is None:
-            self.start_job(job_id, kept)
+        if turn is not None and claim.is_reservation:  # the store took no claim: draining
+            turn.release()
+            turn = None
+        return Accepted(claim, turn, None if large else input_json, large)
+
+    async def run_expand_reduce_flow(self, accepted: Accepted) -> None:
+        """Run a just-submitted job: what the submission's background task calls.
+
+        The run goes on in a task of the runner's own, so the request (and its connection)
+        is not kept while the job waits for a turn or runs.
+        """
+        self._spawn(self._run_accepted(accepted))
+
+    async def _run_accepted(self, accepted: Accepted) -> None:
+        if accepted.turn is not None:
+            await self._execute(accepted.claim, accepted.turn, accepted.input_json)
             return
-        self._held[job_id] = claim
-        self._spawn(self._run_in_reserved_slot(claim, kept))
-
-    async def _reserve_slot(self) -> bool:
-        if self._stopping or self._slots.locked():
-            return False
-        await self._slots.acquire()  # a slot is free, so this returns without waiting
-        return True
-
-    async def _run_in_reserved_slot(self, claim: Claim, input_json: str | None) -> None:
+        turn = await self._capacity.take(large=accepted.large)
         try:
-            if not self._stopping:  # else the claim stays held, for stop() to release
-                await self._execute(claim, input_json)
+            claim = await self._claim_reserved(accepted.claim)
+        except BaseException:
+            turn.release()
+            raise
+        if claim is None:
+            turn.release()
+            return
+        await self._execute(claim, turn, accepted.input_json)
+
+    async def _claim_reserved(self, reservation: Claim) -> Claim | None:
+        if self._draining:
+            return None  # the reservation stays held: stop() hands it back
+        try:
+            return await self._store.claim(reservation.job_id)
+        except StoreError as error:
+            logger.warning(
+                "job %s: not claimed (%s); a sweep will take it", reservation.job_id, error
+            )
+            return None
+
+    async def sweep(self) -> None:
+        """Renew what is held, fail stale jobs out of attempts, claim stale jobs for free turns."""
+        if self._draining:
+            return
+        reserved = self._capacity.reserve_free()
+        offered = (reserved.slots, reserved.lanes)
+        try:
+            swept = await self._store.sweep(slots=reserved.slots, lanes=reserved.lanes)
+            self._stop_lost(swept.lost)
+            claimed = [(claim, reserved.turn(large=True)) for claim in swept.large]
+            claimed += [(claim, reserved.turn(large=False)) for claim in swept.small]
         finally:
-            self._slots.release()
-
-    def start_job(self, job_id: str, input_json: str | None = None) -> None:
-        """Hand a just-submitted (and committed) job to a task of the runner's own.
-
-        A job waiting for a free slot then holds only its id (and small input), not the
-        request it came with.
-        """
-        self._queued.add(job_id)
-        self._spawn(self.run_expand_reduce_flow(job_id, input_json))
-
-    async def run_expand_reduce_flow(self, job_id: str, input_json: str | None = None) -> None:
-        """Run a just-submitted job, unless another process or the sweep already took it.
-
-        ``input_json`` is the job's input if the caller has it at hand; otherwise it is read.
-        """
-        if self._stopping:
-            return  # unclaimed: stop() hands it back for another process's sweep
-        async with self._slots:
-            if self._stopping:
-                return
-            self._queued.discard(job_id)
-            try:
-                claim = await self._store.claim(job_id, self.owner)
-            except StoreError as error:
-                logger.warning("job %s: not claimed (%s); the sweep will retry", job_id, error)
-                return
-            if claim is not None:
-                self._held[job_id] = claim
-                await self._execute(claim, input_json)
-
-    async def sweep(self) -> list[Claim]:
-        """Fail stale jobs out of attempts and claim as many others as there are free slots."""
-        free = self._settings.flow_concurrency - len(self._held)
-        claims = await self._store.claim_stale(self.owner, free)
-        self._backlog = free > 0 and len(claims) == free
-        for claim in claims:
+            reserved.give_back()
+        # Every slot (or every lane) used: more stale jobs may be waiting, so sweep again as
+        # soon as a turn comes free rather than a whole interval later.
+        slots, lanes = offered
+        self._backlog = (slots > 0 and len(claimed) == slots) or (
+            lanes > 0 and len(swept.large) == lanes
+        )
+        for claim, turn in claimed:
             logger.info("job %s: recovered, attempt %d", claim.job_id, claim.attempt)
-            self._held[claim.job_id] = claim
-            self._spawn(self._run_claimed(claim))
-        return claims
+            self._spawn(self._execute(claim, turn, None))
 
     async def heartbeat(self) -> None:
-        """Renew the leases of the jobs this process holds."""
-        claims = list(self._held.values())
-        still_held = await self._store.renew(claims)
-        for claim in claims:
-            # A job that finished while the renewal waited for the database is not lost.
-            if claim.job_id not in still_held and self._held.get(claim.job_id) == claim:
-                logger.warning("job %s: lease lost; another process may run it", claim.job_id)
+        """Renew the leases of every claim held; stop the runs whose leases were lost."""
+        self._stop_lost(await self._store.renew())
+        await self._release_orphans()
 
-    async def _run_claimed(self, claim: Claim) -> None:
-        async with self._slots:
-            if not self._stopping:
-                await self._execute(claim)
+    def _stop_lost(self, lost: Iterable[Claim]) -> None:
+        for claim in lost:
+            logger.warning(
+                "job %s: attempt %d lost its lease; another process may run it",
+                claim.job_id,
+                claim.attempt,
+            )
+            if (stop := self._runs.get(claim)) is not None:
+                stop.set()
 
-    async def _execute(self, claim: Claim, input_json: str | None = None) -> None:
-        """Run one claimed attempt and record its outcome; the caller holds a slot."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._executions.add(task)
+    async def _release_orphans(self) -> None:
+        """Release claims held twice in a row with nothing running them.
+
+        Every claim is run by the task that took it; one that is not was left by a task that
+        never ran (a submission's background task that was never called). Releasing it lets a
+        sweep run the job rather than a heartbeat keep it forever.
+        """
+        unrun = {claim for claim in self._store.held.running() if claim not in self._runs}
+        orphans, self._unrun = unrun & self._unrun, unrun - self._unrun
+        if orphans:
+            logger.warning("releasing %d claims that nothing was running", len(orphans))
+            await self._store.release(orphans)
+
+    async def _execute(self, claim: Claim, turn: Turn, input_json: str | None) -> None:
+        """Run one claimed attempt and record its outcome, then give the turn back."""
+        stop = FlowStop()
+        self._runs[claim] = stop
+        deadline = time.monotonic() + self._settings.job_timeout_seconds
         try:
-            output_json, error = await self._compute(claim, input_json)
-            if not await self._store.finish(claim, output_json=output_json, error=error):
+            outcome = await self._run(claim, input_json, stop)
+            if outcome is not None:
+                await self._record(claim, outcome, deadline)
+        except asyncio.CancelledError:
+            stop.set()  # the flow gives up at its next batch; stop() releases the claim
+            raise
+        finally:
+            del self._runs[claim]
+            turn.release()
+            if self._backlog:
+                self._sweep_now.set()
+
+    async def _run(self, claim: Claim, input_json: str | None, stop: FlowStop) -> Outcome | None:
+        """The attempt's outcome, or None if it should not be recorded (its claim was lost)."""
+        timeout = self._settings.job_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._compute(claim, input_json, stop)
+        except TimeoutError:
+            stop.set()
+            logger.error(
+                "job %s: attempt %d timed out after %g s", claim.job_id, claim.attempt, timeout
+            )
+            return Outcome(
+                None, f"timed out: the job ran longer than JOB_TIMEOUT_SECONDS ({timeout:g} s)"
+            )
+        except FlowStopped:
+            return None
+        except StoreError as error:
+            logger.error(
+                "job %s: input not read (%s); letting it go for a retry", claim.job_id, error
+            )
+            await self._give_up(claim)
+            return None
+
+    async def _compute(self, claim: Claim, input_json: str | None, stop: FlowStop) -> Outcome:
+        if input_json is None:
+            input_json = await self._store.load_input(claim.job_id)
+            if input_json is None:
+                return Outcome(None, "the job's input is missing")
+        try:
+            return Outcome(await self._workers.run_flow(input_json, stop), None)
+        except KeyCollisionError as error:
+            return Outcome(None, f"ExpandReduceFlow failed: {error}")
+        except WorkerCrashedError as error:
+            logger.error("job %s: %s", claim.job_id, error)
+            return Outcome(None, f"internal error: {error}")
+        except (FlowStopped, StoreError):
+            raise
+        except Exception as error:
+            logger.exception("job %s: flow raised", claim.job_id)
+            return Outcome(None, f"internal error: {type(error).__name__}: {error}")
+
+    async def _record(self, claim: Claim, outcome: Outcome, deadline: float) -> None:
+        """Record the outcome, retrying while the database refuses, until the job's deadline.
+
+        The claim stays held (and heartbeated) meanwhile. Past the deadline the job is failed
+        with what went wrong, or, if even that cannot be written, let go for a retry.
+        """
+        delay = RECORD_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                landed = await self._store.finish(
+                    claim, output_json=outcome.output_json, error=outcome.error
+                )
+            except StoreError as error:
+                if claim not in self._store.held:
+                    return  # its lease was lost meanwhile (and said so)
+                if time.monotonic() + delay > deadline:
+                    await self._fail_unrecorded(claim, outcome, error)
+                    return
+                logger.warning(
+                    "job %s: outcome not recorded (%s); retrying in %.1f s",
+                    claim.job_id,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECORD_RETRY_MAX_SECONDS)
+                continue
+            if not landed:
                 logger.warning(
                     "job %s: attempt %d lost its lease; its outcome was discarded",
                     claim.job_id,
                     claim.attempt,
                 )
-            self._held.pop(claim.job_id, None)
-        except Exception as error:
-            # Let go of the claim: its lease runs out and a sweep retries the job (up to
-            # JOB_MAX_ATTEMPTS), instead of a heartbeat keeping it alive forever.
-            if isinstance(error, StoreError):
-                logger.error("job %s: outcome not recorded: %s", claim.job_id, error)
-            else:
-                logger.exception("job %s: outcome not recorded", claim.job_id)
-            self._held.pop(claim.job_id, None)
-        finally:
-            # On cancellation (shutdown) the claim stays in _held, for stop() to release.
-            self._executions.discard(task)
-            if self._backlog:
-                self._sweep_again.set()
+            return
 
-    async def _compute(self, claim: Claim, input_json: str | None) -> tuple[str | None, str | None]:
-        """Return (output JSON, None) or (None, error message) for one attempt."""
-        if input_json is not None:
-            return await self._run_flow(claim, input_json)
-        async with self._large:
-            input_json = await self._store.load_input(claim.job_id)
-            if input_json is None:
-                return None, "the job's input is missing"
-            return await self._run_flow(claim, input_json)
+    async def _fail_unrecorded(self, claim: Claim, outcome: Outcome, error: StoreError) -> None:
+        logger.error("job %s: outcome not recorded before its deadline: %s", claim.job_id, error)
+        if outcome.error is None:
+            reason = getattr(error, "reason", "the database refused it")
+            with contextlib.suppress(StoreError):
+                failure = f"internal error: the result could not be stored ({reason})"
+                await self._store.finish(claim, output_json=None, error=failure)
+                return
+        await self._give_up(claim)
 
-    async def _run_flow(self, claim: Claim, input_json: str) -> tuple[str | None, str | None]:
+    async def _give_up(self, claim: Claim) -> None:
+        """Let the claim go so a sweep retries the job: released, or if even that fails, dropped."""
         try:
-            return await self._workers.run_flow(input_json), None
-        except KeyCollisionError as error:
-            return None, f"ExpandReduceFlow failed: {error}"
-        except WorkerCrashedError as error:
-            logger.error("job %s: %s", claim.job_id, error)
-            return None, f"internal error: {error}"
-        except Exception as error:
-            logger.exception("job %s: flow raised", claim.job_id)
-            return None, f"internal error: {type(error).__name__}: {error}"
+            await self._store.release([claim])
+        except StoreError:
+            self._store.abandon(claim)
 
     async def stop(self) -> None:
         """Drain: wait for running jobs until the shutdown deadline, then release the rest."""
         self.begin_drain()
         assert self._drain_deadline is not None
+        await _cancel(self._sweeper)
         grace_seconds = max(0.0, self._drain_deadline - time.monotonic())
-        if self._executions:
-            logger.info(
-                "waiting up to %.1f s for %d running jobs", grace_seconds, len(self._executions)
-            )
-            await asyncio.wait(list(self._executions), timeout=grace_seconds)
-        for task in [*self._executions, *self._background]:
+        if self._runs:
+            logger.info("waiting up to %.1f s for %d running jobs", grace_seconds, len(self._runs))
+        if self._jobs:
+            await asyncio.wait(list(self._jobs), timeout=grace_seconds)
+        for task in list(self._jobs):
             task.cancel()
-        await asyncio.gather(*self._executions, *self._background, return_exceptions=True)
-        if self._held:
-            logger.info("releasing %d unfinished jobs for the next process", len(self._held))
-        if self._queued:
-            logger.info("handing back %d jobs that had not started", len(self._queued))
-        if self._held or self._queued:
-            with contextlib.suppress(StoreError):
-                await self._store.release(self._held.values(), unclaimed=self._queued)
-            self._held.clear()
-            self._queued.clear()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+        await _cancel(self._heartbeat)
+        await self._release_held()
+
+    async def _release_held(self) -> None:
+        """Hand back everything still held, once every write in flight has committed."""
+        with contextlib.suppress(StoreError):
+            await self._store.flush()
+        held = list(self._store.held)
+        if not held:
+            return
+        reserved = sum(claim.is_reservation for claim in held)
+        logger.info(
+            "releasing %d unfinished jobs for the next process and handing back %d that had "
+            "not started",
+            len(held) - reserved,
+            reserved,
+        )
+        try:
+            await self._store.release(held)
+        except StoreError as error:
+            logger.warning(
+                "could not release %d jobs (%s); their leases will run out", len(held), error
+            )
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
 
     async def _every(
         self,
@@ -262,3 +373,10 @@ class JobRunner:
                 logger.exception("%s failed", action.__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(early.wait(), interval)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -5,6 +5,10 @@ take turns on a thread of their own, so one large payload's memory is alive at a
 ``FLOW_PROCESSES`` set, go to worker processes, so parsing or transforming megabytes never
 competes with the event loop for the GIL (at the cost of a process's memory and copying the
 payload across). Inputs cross as one string, not as many objects.
+
+A large flow can be asked to stop (``FlowStop``): it gives up at its next batch boundary, on
+its thread or in its worker process (through a flag in shared memory), so a timed-out or
+abandoned job does not keep a lane busy for nothing.
 """
 
 import asyncio
@@ -18,7 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TypeVar
+from functools import partial
+from multiprocessing.sharedctypes import SynchronizedArray
+from typing import Any, TypeVar
 
 from app.batching import Batcher
 from app.flow import expand_reduce_json
@@ -34,6 +40,34 @@ class WorkerCrashedError(RuntimeError):
     """The worker process died while running a task (killed, or out of memory)."""
 
 
+class FlowStop:
+    """Asks one running flow to stop at its next batch boundary; it is never forced."""
+
+    def __init__(self) -> None:
+        self._stopped = False
+        self._hooks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        """Ask the flow to stop (once is enough; later calls do nothing)."""
+        if not self._stopped:
+            self._stopped = True
+            for hook in self._hooks:
+                hook()
+
+    def is_set(self) -> bool:
+        """Whether the flow has been asked to stop (read by the flow's own thread)."""
+        return self._stopped
+
+    def _forward(self, hook: Callable[[], None]) -> None:
+        self._hooks.append(hook)
+        if self._stopped:
+            hook()
+
+
+# In a worker process: one stop flag per flow the parent may run there at once.
+_stop_flags: "SynchronizedArray[Any] | None" = None
+
+
 class CpuWorkers:
     """Runs a function of one string or bytes argument in a thread or a worker process."""
 
@@ -41,6 +75,11 @@ class CpuWorkers:
         self._processes = processes
         self._threshold = threshold_bytes
         self._pool: ProcessPoolExecutor | None = None
+        # Large flows in worker processes are limited to one per process (the runner's lanes),
+        # so that many stop flags are enough; a flow without one cannot be stopped early.
+        context = multiprocessing.get_context("spawn")
+        self._stop_flags = context.Array("b", max(processes, 1)) if processes else None
+        self._free_flags = list(range(processes))
         # Without worker processes, large payloads take turns on one thread of their own: one
         # large payload's memory at a time, in one malloc arena that is trimmed after each.
         self._large_thread: ThreadPoolExecutor | None = None
@@ -69,14 +108,36 @@ class CpuWorkers:
             self._discard(pool)
             raise WorkerCrashedError("the worker process died while running this task") from error
 
-    async def run_flow(self, input_json: str) -> str:
-        """Run ExpandReduceFlow on a job's input JSON; return its result JSON."""
+    async def run_flow(self, input_json: str, stop: FlowStop | None = None) -> str:
+        """Run ExpandReduceFlow on a job's input JSON; return its result JSON.
+
+        A large one gives up at its next batch boundary once ``stop`` is set (raising
+        FlowStopped); a small one is over in milliseconds and always runs to the end.
+        """
         if self._is_large(input_json):
-            return await self.run(expand_reduce_json, input_json)
+            if stop is None:
+                return await self.run(expand_reduce_json, input_json)
+            if self._processes == 0:
+                return await self.run(
+                    partial(expand_reduce_json, should_stop=stop.is_set), input_json
+                )
+            return await self._run_stoppable_in_process(input_json, stop)
         outcome = await self._small_flows.submit(input_json)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    async def _run_stoppable_in_process(self, input_json: str, stop: FlowStop) -> str:
+        flags = self._stop_flags
+        index = self._free_flags.pop() if self._free_flags else -1
+        if flags is not None and index >= 0:
+            flags[index] = 0
+            stop._forward(partial(flags.__setitem__, index, 1))
+        try:
+            return await self.run(partial(_flow_in_worker, flag=index), input_json)
+        finally:
+            if index >= 0:
+                self._free_flags.append(index)
 
     def _is_large(self, payload: str | bytes) -> bool:
         return len(payload) >= self._threshold
@@ -93,7 +154,7 @@ class CpuWorkers:
                 self._processes,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), self._stop_flags),
             )
         return self._pool
 
@@ -153,9 +214,23 @@ def _then_trim(function: Callable[[Payload], T], payload: Payload) -> T:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _start_worker(parent_pid: int) -> None:
+def _start_worker(parent_pid: int, stop_flags: "SynchronizedArray[Any] | None") -> None:
+    global _stop_flags
+    _stop_flags = stop_flags
     return_large_buffers_to_the_system()
     exit_with_parent(parent_pid)
+
+
+def _flow_in_worker(input_json: str, flag: int) -> str:
+    """In a worker process: the flow, stopping early once the parent sets its flag."""
+    flags = _stop_flags
+    if flags is None or flag < 0:
+        return expand_reduce_json(input_json)
+
+    def should_stop() -> bool:
+        return bool(flags[flag])
+
+    return expand_reduce_json(input_json, should_stop=should_stop)
 
 
 def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.store import StoreUnavailableError
-from tests.conftest import (
+from tests.support import (
     FreshDatabase,
     asgi_client,
     result_once_finished,
@@ -75,7 +75,7 @@ async def test_result_of_a_processing_job_is_202_with_retry_after(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
     job_id = str(uuid.uuid4())
-    await app.state.services.store.create_job(job_id, '[{"a":"b"}]')  # stored, not yet run
+    await app.state.services.store.create_job(job_id, '[{"a":"b"}]', claimed=False)  # not run
     status = await client.get(f"/check_status/{job_id}")
     assert status.json()["status"] == "processing"
     result = await client.get(f"/job_result/{job_id}")
@@ -288,7 +288,7 @@ async def test_json_with_charset_is_accepted(client: httpx.AsyncClient) -> None:
 async def test_unavailable_store_on_submit_is_503_with_retry_after(
     app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def locked(*args: Any) -> None:
+    async def locked(*args: Any, **kwargs: Any) -> None:
         raise StoreUnavailableError("database is locked")
 
     monkeypatch.setattr(app.state.services.store, "create_job", locked)

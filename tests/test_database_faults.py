@@ -11,8 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings, redact
-from app.main import EXIT_CORRUPT_DATABASE
-from tests.conftest import ROOT, count_jobs, wait_finished
+from app.main import EXIT_CONFIG
+from tests.support import ROOT, count_jobs, wait_finished
 
 JOB = {"job": {"input_data": [{"a": "1", "b": "2"}]}}
 
@@ -58,7 +58,7 @@ async def test_locked_database_is_503_with_retry_after_then_recovers(
 async def test_full_disk_on_submit_is_503_and_reads_go_on(
     app: FastAPI, client: httpx.AsyncClient, db_path: Path, existing_job: str
 ) -> None:
-    writer = app.state.services.store._writer
+    writer = app.state.services.store.database._writer
     [(pages,)] = await writer.execute_fetchall("PRAGMA page_count")
     await writer.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk full"
     big = {"job": {"input_data": [{"k": "v" * 100_000}]}}
@@ -73,7 +73,7 @@ async def test_full_disk_on_submit_is_503_and_reads_go_on(
 async def test_read_only_database_on_submit_is_503_and_reads_go_on(
     app: FastAPI, client: httpx.AsyncClient, db_path: Path, existing_job: str
 ) -> None:
-    await app.state.services.store._writer.execute("PRAGMA query_only = ON")
+    await app.state.services.store.database._writer.execute("PRAGMA query_only = ON")
     response = await client.post("/expand_reduce_flow/", json=JOB)
     assert response.status_code == 503
     assert "read-only" in response.json()["detail"]
@@ -121,7 +121,7 @@ def test_server_refuses_to_start_on_a_file_that_is_not_a_database(
         timeout=60,
     )
     log = run.stderr.decode()
-    assert run.returncode == EXIT_CORRUPT_DATABASE
+    assert run.returncode == EXIT_CONFIG
     assert "Traceback" not in log
     [line] = [line for line in log.splitlines() if "refusing to start" in line]
     assert str(path) in line

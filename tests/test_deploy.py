@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from app.config import Settings
-from tests.conftest import ROOT, free_port, serving
+from tests.support import ROOT, free_port, serving
 
 BIN = Path(sys.executable).parent
 KUBERNETES_VERSION = "1.37.0"

@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import ROOT, Server, start_server, stop_server
+from tests.support import ROOT, Server, start_server, stop_server
 
 RESULT = [{"1 5": "2 6", "3 7": "4 8"}, {"key1": "value1"}]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

@@ -17,6 +17,7 @@ from uniflow.op.basic.reduce_op import ReduceOp
 
 from app.flow import (
     ExpandReduceFlow,
+    FlowStopped,
     KeyCollisionError,
     expand,
     expand_reduce,
@@ -24,6 +25,7 @@ from app.flow import (
     items_json,
     reduce,
 )
+from app.workers import CpuWorkers, FlowStop
 
 scalars = st.one_of(
     st.text(max_size=5),
@@ -212,3 +214,36 @@ def test_a_run_leaves_no_reference_cycles_behind() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_flow_asked_to_stop_gives_up_at_its_next_batch_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("app.flow.BATCH_ITEMS", 2)
+    asked: list[int] = []
+
+    def stop_before_the_third_batch() -> bool:
+        asked.append(1)
+        return len(asked) == 3
+
+    items = [{"a": str(i), "b": "x"} for i in range(10)]
+    with pytest.raises(FlowStopped, match="after 4 objects"):
+        expand_reduce_json(items_json(items), should_stop=stop_before_the_third_batch)
+
+
+@pytest.mark.parametrize("processes", [0, 1], ids=["thread", "worker-process"])
+async def test_a_large_flow_asked_to_stop_stops_on_its_thread_or_in_its_process(
+    processes: int,
+) -> None:
+    workers = CpuWorkers(processes=processes, threshold_bytes=1)
+    workers.start()
+    try:
+        big = items_json([{"a": str(i), "b": "x", "c": "y"} for i in range(60_000)])
+        stop = FlowStop()
+        stop.set()
+        with pytest.raises(FlowStopped):
+            await workers.run_flow(big, stop)
+        # Not stopped: the same worker runs the next flow to the end.
+        assert orjson.loads(await workers.run_flow(items_json([{"a": "1", "b": "2"}]), FlowStop()))
+    finally:
+        workers.close()

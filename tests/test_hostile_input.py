@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.conftest import FreshDatabase, result_once_finished, serving
+from tests.support import FreshDatabase, result_once_finished, serving
 
 JSON = {"content-type": "application/json"}
 

@@ -2,10 +2,10 @@
 connections. (The API, runner and lease suites run on it too, through ``database``.)"""
 
 import asyncio
-import contextlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -13,34 +13,34 @@ import pytest
 from app.config import Settings
 from app.jobs import Claim, JobStatus
 from app.main import EXIT_DATABASE_UNAVAILABLE
-from app.store import JobStore, StoreCorruptError, open_store
-from app.store.postgres import MIGRATIONS, PostgresJobStore
-from tests.conftest import ROOT, PostgresDatabase, free_port, serving
-from tests.test_runner import make_runner
-from tests.test_store import POLICY, FakeClock, store_settings
+from app.runner import JobRunner
+from app.store import JobStore, StoreCorruptError, Swept, make_store
+from app.store.postgres import MIGRATIONS, OWNER_LOCK_SPACE, owner_lock_key
+from app.workers import CpuWorkers
+from tests.support import (
+    ROOT,
+    FakeClock,
+    PostgresDatabase,
+    free_port,
+    opened_store,
+    serving,
+    store_settings,
+    wait_until,
+)
 
 JOB = {"job": {"input_data": [{"a": "1", "b": "2"}]}}
+GRACE = 5
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@contextlib.asynccontextmanager
-async def opened(postgres: PostgresDatabase, clock: FakeClock) -> AsyncIterator[JobStore]:
-    store = open_store(store_settings(postgres), clock)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
+def settings(postgres: PostgresDatabase) -> Settings:
+    return store_settings(postgres)
 
 
 async def test_schema_has_the_seed_columns_as_text_and_records_its_version(
-    postgres: PostgresDatabase, clock: FakeClock
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
 ) -> None:
-    async with opened(postgres, clock):
+    async with opened_store(settings, clock, "me"):
         pass
     columns = dict(
         postgres.query(
@@ -62,12 +62,12 @@ async def test_schema_has_the_seed_columns_as_text_and_records_its_version(
 
 
 async def test_replicas_starting_together_create_the_schema_once(
-    postgres: PostgresDatabase, clock: FakeClock
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
 ) -> None:
-    stores = [open_store(store_settings(postgres), clock) for _ in range(4)]
+    stores = [make_store(settings, clock, owner=f"replica-{n}") for n in range(4)]
     try:
         await asyncio.gather(*(store.open() for store in stores))
-        await stores[0].create_job("a", "[{}]")
+        await stores[0].create_job("a", "[{}]", claimed=False)
         assert await stores[3].get_job("a") is not None
     finally:
         await asyncio.gather(*(store.close() for store in stores))
@@ -75,49 +75,122 @@ async def test_replicas_starting_together_create_the_schema_once(
 
 
 async def test_a_database_from_a_newer_version_is_left_alone(
-    postgres: PostgresDatabase, clock: FakeClock
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
 ) -> None:
     postgres.query("CREATE TABLE schema_version (version INTEGER)")
     postgres.query(f"INSERT INTO schema_version VALUES ({len(MIGRATIONS) + 1})")
-    store = PostgresJobStore(postgres.url, POLICY, clock=clock)
+    store = make_store(settings, clock, owner="me")
     with pytest.raises(StoreCorruptError, match="newer"):
         await store.open()
 
 
-async def test_concurrent_sweeps_split_the_stale_jobs_between_them(
-    postgres: PostgresDatabase, clock: FakeClock
+async def test_a_version_1_database_is_upgraded_with_the_lengths_of_its_inputs(
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
 ) -> None:
-    async with opened(postgres, clock) as first, opened(postgres, clock) as second:
+    postgres.query(MIGRATIONS[0])
+    postgres.query("CREATE TABLE schema_version (version INTEGER)")
+    postgres.query("INSERT INTO schema_version VALUES (1)")
+    postgres.query(
+        "INSERT INTO jobs VALUES ('old', 'processing', 't0', 't0', NULL, '[{\"a\":\"1\"}]', NULL)"
+    )
+    postgres.query("INSERT INTO job_leases VALUES ('old', NULL, 0, 0)")
+    async with opened_store(settings, clock, "me"):
+        pass
+    assert postgres.query("SELECT input_length FROM job_leases") == [(11,)]
+
+
+async def test_concurrent_sweeps_split_the_stale_jobs_between_them(
+    settings: Settings, clock: FakeClock
+) -> None:
+    async with (
+        opened_store(settings, clock, "first") as first,
+        opened_store(settings, clock, "second") as second,
+    ):
         ids = [f"job-{n}" for n in range(200)]
         for job_id in ids:
-            await first.create_job(job_id, "[{}]")
-        clock.advance(POLICY.claim_grace_seconds + 1)
-        rounds = await asyncio.gather(
-            *(
-                store.claim_stale(owner, 7)
-                for _ in range(20)
-                for store, owner in ((first, "first"), (second, "second"))
-            )
+            await first.create_job(job_id, "[{}]", claimed=False)
+        clock.advance(GRACE + 1)
+        rounds: list[Swept] = await asyncio.gather(
+            *(store.sweep(slots=7, lanes=0) for _ in range(20) for store in (first, second))
         )
-    claims = [claim for found in rounds for claim in found]
+    claims = [claim for swept in rounds for claim in swept.small]
     assert sorted(claim.job_id for claim in claims) == sorted(ids)  # each exactly once
     assert {claim.owner for claim in claims} == {"first", "second"}
 
 
 async def test_a_sweep_skips_rows_another_transaction_holds_instead_of_waiting(
-    postgres: PostgresDatabase, clock: FakeClock
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
 ) -> None:
-    async with opened(postgres, clock) as store:
-        await store.create_job("held", "[{}]")
-        await store.create_job("free", "[{}]")
-        clock.advance(POLICY.claim_grace_seconds + 1)
+    async with opened_store(settings, clock, "me") as store:
+        await store.create_job("held", "[{}]", claimed=False)
+        await store.create_job("free", "[{}]", claimed=False)
+        clock.advance(GRACE + 1)
         async with await psycopg.AsyncConnection.connect(postgres.url) as other:
             await other.execute("SELECT * FROM job_leases WHERE job_id = 'held' FOR UPDATE")
-            claims = await asyncio.wait_for(store.claim_stale("me", 10), timeout=5)
-            assert [claim.job_id for claim in claims] == ["free"]
-            assert await asyncio.wait_for(store.claim("held", "me"), timeout=5) is None
-        [claim] = await store.claim_stale("me", 10)
+            swept = await asyncio.wait_for(store.sweep(slots=10, lanes=0), timeout=5)
+            assert [claim.job_id for claim in swept.small] == ["free"]
+            assert await asyncio.wait_for(store.claim("held"), timeout=5) is None
+        [claim] = (await store.sweep(slots=10, lanes=0)).small
         assert claim == Claim("held", "me", 1)
+
+
+def owner_backend(postgres: PostgresDatabase, owner: str) -> int:
+    """The server process of the session holding ``owner``'s liveness lock."""
+    [(pid,)] = postgres.query(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 "
+        f"AND classid::bigint = {OWNER_LOCK_SPACE} AND objid::bigint = {owner_lock_key(owner)}"
+    )
+    return int(pid)
+
+
+async def test_each_store_holds_its_owners_lock_on_a_session_of_its_own(
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
+) -> None:
+    async with opened_store(settings, clock, "one"), opened_store(settings, clock, "two"):
+        assert owner_backend(postgres, "one") != owner_backend(postgres, "two")
+    assert postgres.query(
+        f"SELECT count(*) FROM pg_locks WHERE classid::bigint = {OWNER_LOCK_SPACE}"
+    ) == [(0,)]
+
+
+async def test_a_replica_whose_lock_session_ends_is_taken_over_at_once_and_claims_nothing_meanwhile(
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
+) -> None:
+    async with (
+        opened_store(settings, clock, "cut-off") as cut_off,
+        opened_store(settings, clock, "survivor") as survivor,
+    ):
+        running = await cut_off.create_job("running", "[{}]", claimed=True)
+        await cut_off.create_job("waiting", "[{}]", claimed=False)
+        assert (await survivor.sweep(slots=10, lanes=0)).small == []
+        postgres.query(f"SELECT pg_terminate_backend({owner_backend(postgres, 'cut-off')})")
+        # No lease ran out, but the lock is gone: the replica counts as dead.
+        taken: list[Claim] = []
+
+        async def all_taken() -> bool:
+            taken.extend((await survivor.sweep(slots=10, lanes=0)).small)
+            return len(taken) == 2
+
+        await wait_until(all_taken, seconds=5, what="the survivor taking both jobs")
+        assert sorted(c.job_id for c in taken) == ["running", "waiting"]
+        assert await cut_off.finish(running, output_json="[]", error=None) is False
+
+        def lock_held() -> bool:
+            return bool(cut_off.database.holds_owner_lock)  # type: ignore[attr-defined]
+
+        async def lock_lost() -> bool:
+            return not lock_held()
+
+        async def lock_back() -> bool:
+            return lock_held()
+
+        await wait_until(lock_lost, what="the replica noticing its lock is gone")
+        # Meanwhile a new job is only reserved, and claimed once the lock is back.
+        reserved = await cut_off.create_job("later", "[{}]", claimed=True)
+        assert reserved == Claim("later", "cut-off", 0)
+        assert await cut_off.claim("later") is None
+        await wait_until(lock_back, what="the liveness lock coming back")
+        assert await cut_off.claim("later") == Claim("later", "cut-off", 1)
 
 
 class Proxy:
@@ -203,48 +276,66 @@ def test_a_server_that_cannot_reach_its_database_gives_up_with_one_line() -> Non
     assert "nowhere" in line
 
 
+class CountingStore:
+    """A store that says when each of its sweeps is done."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self.swept = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def sweep(self, *, slots: int, lanes: int) -> Swept:
+        try:
+            return await self._store.sweep(slots=slots, lanes=lanes)
+        finally:
+            self.swept.set()
+
+
 async def test_jobs_released_by_a_stopping_replica_are_swept_at_once_by_the_others(
     postgres: PostgresDatabase,
 ) -> None:
-    settings = Settings(database_url=postgres.url, flow_processes=0, sweep_interval_seconds=60)
-    leaving, staying = open_store(settings), open_store(settings)
-    await leaving.open()
-    await staying.open()
-    runner = make_runner(staying, settings, owner="staying")
-    try:
-        await runner.start()  # sweeps once now, then not for a minute
-        await leaving.create_job("job", '[{"a": "1", "b": "2"}]')
-        claim = await leaving.claim("job", "leaving")
-        assert claim is not None
-        await asyncio.sleep(0.5)  # the first sweep is over; the listener is listening
-        await leaving.release([claim])
-        for _ in range(100):
+    settings = Settings(
+        database_url=postgres.url,
+        flow_processes=0,
+        job_lease_seconds=120,
+        sweep_interval_seconds=60,
+    )
+    async with (
+        opened_store(settings, time.time, "leaving") as leaving,
+        opened_store(settings, time.time, "staying") as staying,
+    ):
+        counting = CountingStore(staying)
+        runner = JobRunner(counting, CpuWorkers(0, 1 << 20), settings)
+        try:
+            await runner.start()
+            await counting.swept.wait()  # the first sweep is over; the next is a minute away
+            claim = await leaving.create_job("job", '[{"a": "1", "b": "2"}]', claimed=True)
+            await leaving.release([claim])
+
+            async def finished() -> bool:
+                job = await staying.get_job("job")
+                return job is not None and job.status is not JobStatus.PROCESSING
+
+            await wait_until(finished, seconds=5, what="the released job being run")
             job = await staying.get_job("job", with_output=True)
-            if job is not None and job.status is not JobStatus.PROCESSING:
-                break
-            await asyncio.sleep(0.05)
-        assert job is not None
-        assert (job.status, job.output_data) == (JobStatus.COMPLETED, '[{"a b":"1 2"}]')
-    finally:
-        await runner.stop()
-        await leaving.close()
-        await staying.close()
+            assert job is not None
+            assert (job.status, job.output_data) == (JobStatus.COMPLETED, '[{"a b":"1 2"}]')
+        finally:
+            await runner.stop()
 
 
 async def test_heartbeats_and_finishes_of_the_same_jobs_at_once_do_not_deadlock(
-    postgres: PostgresDatabase, clock: FakeClock
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
 ) -> None:
-    async with opened(postgres, clock) as store:
+    async with opened_store(settings, clock, "me") as store:
         for round_ in range(5):
             ids = [f"job-{round_}-{n:03}" for n in range(150)]
-            for job_id in ids:
-                await store.create_job(job_id, "[{}]")
-            claims = [await store.claim(job_id, "me") for job_id in ids]
-            held = [claim for claim in claims if claim is not None]
-            assert len(held) == len(ids)
+            held = [await store.create_job(job_id, "[{}]", claimed=True) for job_id in ids]
             # A heartbeat renews in one order while finishes arrive in the other.
             outcomes = await asyncio.gather(
-                store.renew(held),
+                store.renew(),
                 *(store.finish(c, output_json="[{}]", error=None) for c in reversed(held)),
             )
             assert all(outcomes[1:])

@@ -1,239 +1,493 @@
-"""The runner: runs claimed jobs off the loop, records outcomes, recovers, shuts down cleanly."""
+"""The runner: one way to run a job, and what happens around it — pauses, shutdown, lost
+leases, timeouts, a database that refuses — on both backends, with a controllable clock.
+
+Flows are real, or held at a gate by ``GatedWorkers`` so a test can act while a job runs;
+the runner and the store never know the difference.
+"""
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
 import pytest
 
 from app.config import Settings
-from app.jobs import JobStatus
-from app.runner import JobRunner
-from app.store import JobStore, open_store
-from app.workers import CpuWorkers
-from tests.conftest import FreshDatabase
-from tests.test_store import FakeClock
+from app.jobs import Claim, JobStatus
+from app.runner import Accepted, JobRunner
+from app.store import JobStore, StoreUnavailableError
+from app.workers import CpuWorkers, FlowStop
+from tests.support import (
+    FakeClock,
+    FaultyDatabase,
+    FreshDatabase,
+    faulty,
+    opened_store,
+    store_settings,
+    wait_until,
+)
 
 A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
 B = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
+LEASE = 30
+
+
+class GatedWorkers(CpuWorkers):
+    """Real flows that wait at ``gate`` (while it is not open) before they run."""
+
+    def __init__(self) -> None:
+        super().__init__(processes=0, threshold_bytes=128 * 1024)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started: list[str] = []
+        self.running = asyncio.Event()
+        self.stops: list[FlowStop | None] = []
+        self.explode_on: str | None = None
+
+    async def run_flow(self, input_json: str, stop: FlowStop | None = None) -> str:
+        self.started.append(input_json)
+        self.stops.append(stop)
+        self.running.set()
+        if self.explode_on is not None and self.explode_on in input_json:
+            raise RuntimeError("boom happened")
+        await self.gate.wait()
+        return await super().run_flow(input_json, stop)
+
+    def hold(self) -> None:
+        """Make flows wait at the gate from now on."""
+        self.gate.clear()
+        self.running.clear()
+
+
+class SpyStore:
+    """A store that says when the runner asks it to renew or finish (the request is queued)."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self.renewing = asyncio.Event()
+        self.finishing = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def renew(self) -> set[Claim]:
+        self.renewing.set()
+        return await self._store.renew()
+
+    async def finish(self, claim: Claim, *, output_json: str | None, error: str | None) -> bool:
+        self.finishing.set()
+        return await self._store.finish(claim, output_json=output_json, error=error)
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def settings(database: FreshDatabase) -> Settings:
+    return store_settings(database)
 
 
 @pytest.fixture
-async def store(settings: Settings, clock: FakeClock) -> AsyncIterator[JobStore]:
-    job_store = open_store(settings, clock=clock)
-    await job_store.open()
-    yield job_store
-    await job_store.close()
+def flaky(settings: Settings) -> FaultyDatabase:
+    return faulty(settings)
 
 
-def make_runner(store: JobStore, settings: Settings, owner: str = "me") -> JobRunner:
-    return JobRunner(store, CpuWorkers(processes=0, threshold_bytes=0), settings, owner=owner)
+@pytest.fixture
+async def store(
+    settings: Settings, clock: FakeClock, flaky: FaultyDatabase
+) -> AsyncIterator[JobStore]:
+    async with opened_store(settings, clock, "me", database=flaky) as opened:
+        yield opened
 
 
-async def outcome(store: JobStore, job_id: str) -> tuple[JobStatus, Any, str | None]:
+@pytest.fixture
+async def other(settings: Settings, clock: FakeClock, store: JobStore) -> AsyncIterator[JobStore]:
+    """Another live process on the same database."""
+    async with opened_store(settings, clock, "other") as opened:
+        yield opened
+
+
+@pytest.fixture
+def workers() -> GatedWorkers:
+    return GatedWorkers()
+
+
+def make_runner(store: Any, settings: Settings, workers: CpuWorkers, **changes: Any) -> JobRunner:
+    return JobRunner(store, workers, settings.model_copy(update=changes))
+
+
+async def submit(runner: JobRunner, job_id: str, items: list[dict[str, Any]]) -> Accepted:
+    """What the submit route does: accept, then the background task."""
+    accepted = await runner.accept(job_id, orjson.dumps(items).decode())
+    await runner.run_expand_reduce_flow(accepted)
+    return accepted
+
+
+async def final(store: JobStore, job_id: str) -> tuple[JobStatus, Any, str | None]:
+    """The job's outcome, once it has one."""
+
+    async def finished() -> bool:
+        job = await store.get_job(job_id)
+        return job is not None and job.status is not JobStatus.PROCESSING
+
+    await wait_until(finished, what=f"job {job_id} finishing")
     job = await store.get_job(job_id, with_output=True)
     assert job is not None
     result = orjson.loads(job.output_data) if job.output_data else None
     return job.status, result, job.error
 
 
-async def test_runs_a_submitted_job_to_completion(store: JobStore, settings: Settings) -> None:
-    await store.create_job(A, '[{"a":"x","b":"y","c":"z"}]')
-    await make_runner(store, settings).run_expand_reduce_flow(A)
-    assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a b": "x y", "c": "z"}], None)
+def leases(database: FreshDatabase) -> dict[str, tuple[str | None, int]]:
+    return {
+        job: (owner, attempts)
+        for job, owner, attempts in database.query("SELECT job_id, owner, attempts FROM job_leases")
+    }
+
+
+def ids(claims: Iterable[Claim]) -> set[str]:
+    return {claim.job_id for claim in claims}
+
+
+async def test_a_submitted_job_runs_to_completion(
+    store: JobStore, settings: Settings, workers: GatedWorkers
+) -> None:
+    runner = make_runner(store, settings, workers)
+    await submit(runner, A, [{"a": "x", "b": "y", "c": "z"}])
+    assert await final(store, A) == (JobStatus.COMPLETED, [{"a b": "x y", "c": "z"}], None)
+    await runner.stop()
 
 
 async def test_a_key_collision_fails_the_job_with_the_key_named(
-    store: JobStore, settings: Settings
+    store: JobStore, settings: Settings, workers: GatedWorkers
 ) -> None:
-    await store.create_job(A, '[{"a":"1","x":"2","a x":"3"}]')
-    await make_runner(store, settings).run_expand_reduce_flow(A)
-    status, result, error = await outcome(store, A)
+    runner = make_runner(store, settings, workers)
+    await submit(runner, A, [{"a": "1", "x": "2", "a x": "3"}])
+    status, result, error = await final(store, A)
     assert (status, result) == (JobStatus.FAILED, None)
     assert error is not None
     assert "'a x'" in error
+    await runner.stop()
 
 
 async def test_an_exception_in_one_job_is_recorded_and_logged_and_others_still_run(
     store: JobStore,
     settings: Settings,
-    monkeypatch: pytest.MonkeyPatch,
+    workers: GatedWorkers,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    runner = make_runner(store, settings)
-    real_run = runner._workers.run_flow
-
-    async def explode_on_b(payload: str) -> str:
-        if "boom" in payload:
-            raise RuntimeError("boom happened")
-        return await real_run(payload)
-
-    monkeypatch.setattr(runner._workers, "run_flow", explode_on_b)
-    await store.create_job(A, '[{"a":"1"}]')
-    await store.create_job(B, '[{"boom":"1"}]')
-    await asyncio.gather(runner.run_expand_reduce_flow(B), runner.run_expand_reduce_flow(A))
-    assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a": "1"}], None)
-    status, _, error = await outcome(store, B)
-    assert status is JobStatus.FAILED
-    assert error == "internal error: RuntimeError: boom happened"
+    runner = make_runner(store, settings, workers)
+    workers.explode_on = "boom"
+    await submit(runner, B, [{"boom": "1"}])
+    await submit(runner, A, [{"a": "1"}])
+    assert await final(store, A) == (JobStatus.COMPLETED, [{"a": "1"}], None)
+    assert await final(store, B) == (
+        JobStatus.FAILED,
+        None,
+        "internal error: RuntimeError: boom happened",
+    )
     assert B in caplog.text
     assert "Traceback" in caplog.text
+    await runner.stop()
 
 
-async def test_a_job_already_taken_elsewhere_is_not_run_twice(
-    store: JobStore, settings: Settings
+async def test_an_accepted_job_is_inserted_claimed_when_a_turn_is_free_and_reserved_when_not(
+    store: JobStore, settings: Settings, workers: GatedWorkers, database: FreshDatabase
 ) -> None:
-    await store.create_job(A, '[{"a":"1"}]')
-    assert await store.claim(A, "someone-else") is not None
-    await make_runner(store, settings).run_expand_reduce_flow(A)
-    assert (await outcome(store, A))[0] is JobStatus.PROCESSING
+    runner = make_runner(store, settings, workers, flow_concurrency=1)
+    workers.hold()
+    await submit(runner, A, [{"a": "1", "b": "2"}])  # takes the only turn
+    await submit(runner, B, [{"b": "1"}])  # none left: reserved, waits here
+    assert leases(database) == {A: ("me", 1), B: ("me", 0)}
+    workers.gate.set()
+    assert await final(store, A) == (JobStatus.COMPLETED, [{"a b": "1 2"}], None)
+    assert await final(store, B) == (JobStatus.COMPLETED, [{"b": "1"}], None)
+    await runner.stop()
 
 
-async def test_sweep_at_start_finishes_a_job_left_behind_by_a_dead_process(
-    store: JobStore, settings: Settings, clock: FakeClock
+async def test_a_reserved_job_another_process_took_meanwhile_is_not_run_here(
+    store: JobStore,
+    other: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    clock: FakeClock,
+    database: FreshDatabase,
 ) -> None:
-    await store.create_job(A, '[{"a":"1","b":"2"}]')
-    assert await store.claim(A, "dead-process") is not None
-    clock.advance(settings.job_lease_seconds + 1)
-    runner = make_runner(store, settings)
-    await runner.start()
-    try:
-        for _ in range(200):
-            if (await outcome(store, A))[0] is JobStatus.COMPLETED:
-                break
-            await asyncio.sleep(0.01)
-        assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a b": "1 2"}], None)
-    finally:
-        await runner.stop()
-
-
-async def test_sweep_takes_no_more_jobs_than_free_slots(
-    store: JobStore, settings: Settings, clock: FakeClock
-) -> None:
-    settings = settings.model_copy(update={"flow_concurrency": 1})
-    await store.create_job(A, '[{"a":"1"}]')
-    await store.create_job(B, '[{"b":"1"}]')
+    runner = make_runner(store, settings, workers, flow_concurrency=1)
+    workers.hold()
+    await submit(runner, A, [{"a": "1"}])
+    await submit(runner, B, [{"b": "1"}])  # waits for A's turn
     clock.advance(settings.job_claim_grace_seconds + 1)
-    runner = make_runner(store, settings)
-    assert len(await runner.sweep()) == 1
+    assert ids((await other.sweep(slots=5, lanes=5)).small) == {B}
+    workers.gate.set()
+    await final(store, A)
+    await runner.stop()
+    assert len(workers.started) == 1  # only A ran here
+    assert leases(database) == {B: ("other", 1)}
+
+
+async def test_the_sweep_at_start_finishes_a_job_a_dead_process_left_behind(
+    store: JobStore, settings: Settings, workers: GatedWorkers, clock: FakeClock
+) -> None:
+    async with opened_store(settings, clock, "doomed") as doomed:
+        await doomed.create_job(A, '[{"a":"1","b":"2"}]', claimed=True)
+    runner = make_runner(store, settings, workers)
+    await runner.start()  # no lease ran out: the dead owner's lock is free
+    assert await final(store, A) == (JobStatus.COMPLETED, [{"a b": "1 2"}], None)
+    await runner.stop()
+
+
+async def test_a_sweep_takes_no_more_jobs_than_it_has_turns_free(
+    store: JobStore, other: JobStore, settings: Settings, workers: GatedWorkers, clock: FakeClock
+) -> None:
+    await other.create_job(A, '[{"a":"1"}]', claimed=False)
+    await other.create_job(B, '[{"b":"1"}]', claimed=False)
+    clock.advance(settings.job_claim_grace_seconds + 1)
+    runner = make_runner(store, settings, workers, flow_concurrency=1)
+    workers.hold()
+    await runner.sweep()
+    await workers.running.wait()
+    assert len(store.held) == 1
+    workers.gate.set()
     await runner.stop()
 
 
 async def test_stop_waits_for_running_jobs_within_its_grace(
-    store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    store: JobStore, settings: Settings, workers: GatedWorkers
 ) -> None:
-    runner = make_runner(store, settings)
-    real_run = runner._workers.run_flow
+    runner = make_runner(store, settings, workers)
+    workers.hold()
+    await submit(runner, A, [{"a": "1"}])
+    await workers.running.wait()
+    stopping = asyncio.create_task(runner.stop())
+    workers.gate.set()
+    await stopping
+    assert (await final(store, A))[0] is JobStatus.COMPLETED
 
-    async def slow(payload: str) -> str:
-        await asyncio.sleep(0.2)
-        return await real_run(payload)
 
-    monkeypatch.setattr(runner._workers, "run_flow", slow)
-    await store.create_job(A, '[{"a":"1"}]')
-    job = asyncio.create_task(runner.run_expand_reduce_flow(A))
-    await asyncio.sleep(0.05)
+async def test_stop_hands_back_running_and_waiting_jobs_for_the_next_process_at_once(
+    store: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    clock: FakeClock,
+    database: FreshDatabase,
+) -> None:
+    runner = make_runner(store, settings, workers, flow_concurrency=1, shutdown_timeout_seconds=0)
+    workers.hold()
+    await submit(runner, A, [{"a": "1"}])  # claimed, running, held at the gate
+    await submit(runner, B, [{"b": "1"}])  # reserved, waiting for the turn
+    await workers.running.wait()
     await runner.stop()
-    await job
-    assert (await outcome(store, A))[0] is JobStatus.COMPLETED
-
-
-async def test_stop_releases_what_did_not_finish_for_the_next_process(
-    store: JobStore, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    release_flow = threading.Event()
-
-    def stuck_flow(payload: str) -> str:
-        release_flow.wait(10)
-        return "[]"
-
-    settings = settings.model_copy(update={"shutdown_timeout_seconds": 0.1})
-    runner = make_runner(store, settings)
-
-    async def run_stuck(payload: str) -> str:
-        return await asyncio.to_thread(stuck_flow, payload)
-
-    monkeypatch.setattr(runner._workers, "run_flow", run_stuck)
-    await store.create_job(A, '[{"a":"1"}]')
-    job = asyncio.create_task(runner.run_expand_reduce_flow(A))
-    await asyncio.sleep(0.05)
-    await runner.stop()
-    release_flow.set()
-    with pytest.raises(asyncio.CancelledError):
-        await job
-    assert (await outcome(store, A))[0] is JobStatus.PROCESSING
-    clock.advance(0.001)
-    [claim] = await store.claim_stale("next-process", 10)
-    assert claim.job_id == A
-
-
-async def test_a_claim_whose_outcome_cannot_be_recorded_is_let_go_for_a_retry(
-    store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
-) -> None:
-    runner = make_runner(store, settings)
-
-    async def broken_finish(*args: Any, **kwargs: Any) -> bool:
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(store, "finish", broken_finish)
-    await store.create_job(A, '[{"a":"1"}]')
-    await runner.run_expand_reduce_flow(A)
-    monkeypatch.undo()
-    await runner.heartbeat()  # must not keep the abandoned lease alive
-    clock.advance(settings.job_lease_seconds + 1)
-    [retry] = await store.claim_stale("other", 10)
-    assert (retry.job_id, retry.attempt) == (A, 2)
-
-
-async def test_an_accepted_job_is_inserted_claimed_when_a_slot_is_free_and_waits_when_not(
-    store: JobStore, settings: Settings, database: FreshDatabase, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    runner = make_runner(store, settings.model_copy(update={"flow_concurrency": 1}))
-    release = asyncio.Event()
-    real_run = runner._workers.run_flow
-
-    async def held_until_released(payload: str) -> str:
-        await release.wait()
-        return await real_run(payload)
-
-    monkeypatch.setattr(runner._workers, "run_flow", held_until_released)
-    await runner.accept(A, '[{"a":"1","b":"2"}]', keep_input=True)  # takes the only slot
-    await runner.accept(B, '[{"b":"1"}]', keep_input=True)  # none left
-    owners = dict(database.query("SELECT job_id, owner FROM job_leases"))
-    assert owners == {A: "me", B: None}
-    release.set()
-    for _ in range(200):
-        if (await outcome(store, B))[0] is JobStatus.COMPLETED:
-            break
-        await asyncio.sleep(0.01)
-    assert await outcome(store, A) == (JobStatus.COMPLETED, [{"a b": "1 2"}], None)
-    assert await outcome(store, B) == (JobStatus.COMPLETED, [{"b": "1"}], None)
-    await runner.stop()
-
-
-async def test_on_shutdown_held_and_waiting_jobs_are_handed_back_at_once(
-    store: JobStore, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    one_slot = settings.model_copy(update={"flow_concurrency": 1, "shutdown_timeout_seconds": 0})
-    runner = make_runner(store, one_slot)
-    never = asyncio.Event()
-
-    async def stuck(payload: str) -> str:
-        await never.wait()
-        return payload
-
-    monkeypatch.setattr(runner._workers, "run_flow", stuck)
-    await runner.accept(A, '[{"a":"1"}]', keep_input=True)  # claimed, running, stuck
-    await runner.accept(B, '[{"b":"1"}]', keep_input=True)  # unclaimed, waiting for the slot
-    await asyncio.sleep(0.05)
-    await runner.stop()
+    [stop] = workers.stops  # B never started
+    assert stop is not None
+    assert stop.is_set()  # A's flow was asked to stop
+    assert leases(database) == {A: (None, 1), B: (None, 0)}
     clock.advance(0.001)  # neither A's lease nor B's grace time has run out
-    claims = await store.claim_stale("next", 10)
-    assert sorted((claim.job_id, claim.attempt) for claim in claims) == [(A, 2), (B, 1)]
+    async with opened_store(settings, clock, "next") as successor:
+        swept = await successor.sweep(slots=10, lanes=10)
+    assert sorted((c.job_id, c.attempt) for c in swept.small) == [(A, 2), (B, 1)]
+
+
+async def test_once_draining_no_sweep_and_no_waiting_job_takes_a_claim(
+    store: JobStore,
+    other: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    clock: FakeClock,
+    database: FreshDatabase,
+) -> None:
+    await other.create_job("stale", "[{}]", claimed=False)
+    runner = make_runner(store, settings, workers, flow_concurrency=1)
+    workers.hold()
+    await submit(runner, A, [{"a": "1"}])
+    await submit(runner, B, [{"b": "1"}])  # waits for A's turn
+    clock.advance(settings.job_claim_grace_seconds + 1)  # "stale" is there to be taken
+    runner.begin_drain()  # SIGTERM
+    await runner.sweep()  # the periodic sweep, a NOTIFY from another replica: nothing
+    workers.gate.set()  # A finishes and frees its turn for B, which must not claim it now
+    await final(store, A)
+    await runner.stop()
+    assert leases(database) == {"stale": ("other", 0), B: (None, 0)}
+
+
+async def test_a_claim_that_commits_while_stop_cancels_its_sweep_is_handed_back(
+    store: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    clock: FakeClock,
+    flaky: FaultyDatabase,
+    database: FreshDatabase,
+) -> None:
+    async with opened_store(settings, clock, "doomed") as doomed:
+        await doomed.create_job(A, '[{"a":"1"}]', claimed=False)
+    runner = make_runner(store, settings, workers)
+    flaky.commit_gate = asyncio.Event()
+    sweeping = asyncio.create_task(runner.sweep())
+    await flaky.at_gate.wait()  # the sweep's claim of A is about to commit
+    sweeping.cancel()  # what stop() does to the periodic sweep
+    flaky.commit_gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await sweeping
+    await store.flush()
+    assert Claim(A, "me", 1) in store.held  # committed, so held, though nobody asked
+    await runner.stop()
+    assert workers.started == []
+    assert leases(database) == {A: (None, 1)}  # handed back, not left to run out
+
+
+async def test_a_pause_past_the_lease_is_not_an_interruption(
+    store: JobStore,
+    other: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    clock: FakeClock,
+    database: FreshDatabase,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = make_runner(store, settings, workers)
+    workers.hold()
+    await submit(runner, A, [{"a": "1"}])
+    await workers.running.wait()
+    clock.advance(LEASE * 3)  # SIGSTOP; on SIGCONT the sweep happens to run first
+    await runner.sweep()
+    await runner.heartbeat()
+    assert (await other.sweep(slots=5, lanes=5)).small == []
+    workers.gate.set()
+    assert await final(store, A) == (JobStatus.COMPLETED, [{"a": "1"}], None)
+    assert "lost its lease" not in caplog.text
+    assert len(workers.started) == 1
+    await runner.stop()
+
+
+async def test_a_renewal_and_a_finish_of_one_claim_in_one_batch_warn_of_no_lost_lease(
+    settings: Settings,
+    clock: FakeClock,
+    flaky: FaultyDatabase,
+    workers: GatedWorkers,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with opened_store(settings, clock, "me", database=flaky) as real:
+        spy = SpyStore(real)
+        runner = make_runner(spy, settings, workers)
+        workers.hold()
+        await submit(runner, A, [{"a": "1"}])
+        await workers.running.wait()
+        flaky.commit_gate = asyncio.Event()
+        blocker = asyncio.create_task(real.create_job(B, "[{}]", claimed=False))
+        await flaky.at_gate.wait()  # the writer is busy: what comes next shares one batch
+        heartbeat = asyncio.create_task(runner.heartbeat())
+        await spy.renewing.wait()
+        workers.gate.set()
+        await spy.finishing.wait()
+        flaky.commit_gate.set()
+        await asyncio.gather(blocker, heartbeat)
+        assert await final(real, A) == (JobStatus.COMPLETED, [{"a": "1"}], None)
+        await runner.stop()
+    assert "lost its lease" not in caplog.text
+
+
+async def test_a_lost_lease_stops_the_flow_and_its_outcome_is_discarded(
+    store: JobStore,
+    other: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    clock: FakeClock,
+    database: FreshDatabase,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = make_runner(store, settings, workers)
+    workers.hold()
+    await submit(runner, A, [{"a": "1"}])
+    await workers.running.wait()
+    clock.advance(LEASE + 1)
+    [taken] = (await other.sweep(slots=5, lanes=5)).small  # this process was partitioned
+    await runner.heartbeat()
+    [stop] = workers.stops
+    assert stop is not None
+    assert stop.is_set()
+    workers.gate.set()
+    await runner.stop()
+    assert "attempt 1 lost its lease" in caplog.text
+    assert leases(database) == {A: ("other", 2)}
+    assert await other.finish(taken, output_json="[]", error=None)
+
+
+async def test_a_run_past_the_job_timeout_fails_saying_so_and_its_flow_is_asked_to_stop(
+    store: JobStore, settings: Settings, workers: GatedWorkers
+) -> None:
+    runner = make_runner(store, settings, workers, job_timeout_seconds=0.05)
+    workers.hold()  # a flow that never ends
+    await submit(runner, A, [{"a": "1"}])
+    status, _, error = await final(store, A)
+    assert status is JobStatus.FAILED
+    assert error == "timed out: the job ran longer than JOB_TIMEOUT_SECONDS (0.05 s)"
+    [stop] = workers.stops
+    assert stop is not None
+    assert stop.is_set()
+    await runner.stop()
+
+
+async def test_an_outcome_the_database_refuses_is_retried_until_it_lands(
+    store: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    flaky: FaultyDatabase,
+    database: FreshDatabase,
+) -> None:
+    refusals = [StoreUnavailableError("down", "the database is unreachable")] * 2
+
+    def refuse_finishing_twice(sql: str, params: Any) -> StoreUnavailableError | None:
+        return refusals.pop() if refusals and "DELETE FROM job_leases" in sql else None
+
+    flaky.fault = refuse_finishing_twice
+    runner = make_runner(store, settings, workers)
+    await submit(runner, A, [{"a": "1"}])
+    assert await final(store, A) == (JobStatus.COMPLETED, [{"a": "1"}], None)
+    assert refusals == []
+    assert len(workers.started) == 1  # recorded by the same run, not run again
+    await runner.stop()
+
+
+async def test_a_claim_that_nothing_runs_is_released_after_two_heartbeats(
+    store: JobStore,
+    other: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    clock: FakeClock,
+) -> None:
+    runner = make_runner(store, settings, workers)
+    await runner.accept(A, '[{"a":"1"}]')  # a background task that never came
+    await runner.heartbeat()
+    assert len(store.held) == 1  # might be about to start
+    await runner.heartbeat()
+    assert len(store.held) == 0
+    clock.advance(0.001)
+    assert ids((await other.sweep(slots=5, lanes=5)).small) == {A}
+    await runner.stop()
+
+
+async def test_a_failed_sweep_gives_its_turns_back(
+    store: JobStore, settings: Settings, workers: GatedWorkers, flaky: FaultyDatabase
+) -> None:
+    runner = make_runner(store, settings, workers, flow_concurrency=1)
+    flaky.fault = lambda sql, params: StoreUnavailableError("down", "the database is busy")
+    with pytest.raises(StoreUnavailableError):
+        await runner.sweep()
+    flaky.fault = lambda sql, params: None
+    await submit(runner, A, [{"a": "1"}])  # the only turn is free again: claimed at once
+    assert await final(store, A) == (JobStatus.COMPLETED, [{"a": "1"}], None)
+    await runner.stop()
+
+
+async def test_recovered_jobs_are_logged_at_info(
+    store: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="app")
+    async with opened_store(settings, clock, "doomed") as doomed:
+        await doomed.create_job(A, '[{"a":"1"}]', claimed=True)
+    runner = make_runner(store, settings, workers)
+    await runner.sweep()
+    await final(store, A)
+    await runner.stop()
+    assert f"job {A}: recovered, attempt 2" in caplog.text

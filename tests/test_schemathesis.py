@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import Server
+from tests.support import Server
 
 
 def test_api_matches_its_schema_and_never_answers_5xx(server: Server, tmp_path: Path) -> None:

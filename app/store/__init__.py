@@ -1,20 +1,31 @@
 """The job store: the one interface every backend implements, and the choice of backend by URL.
 
-Backends: ``app.store.sqlite`` (embedded, the default) and ``app.store.postgres`` (several
-replicas); both run the protocol in ``app.store.sql``.
+A store is one process's handle on the jobs database. It has an ``owner`` id, unique to the
+process, and holds that owner's *liveness lock* for as long as it is open (an OS file lock
+beside a SQLite file, a PostgreSQL advisory lock on a connection of its own), so other
+processes can tell at once when it has died.
 
-Every backend keeps the same lease protocol. A job row is inserted unclaimed (or already
-claimed by the process that accepted it, when it can start it at once); a process *claims*
-it by a conditional update that records itself as ``owner``, bumps ``attempts`` and sets
-``lease_until``; it keeps the lease alive with heartbeats while the job runs; and its ``finish``
-only lands while it still holds that exact attempt (owner and attempt act as a fencing token).
-A job whose lease ran out, or that nobody claimed within the grace time, is *stale*: any process's
-sweep may claim it. Driver errors never leave this package: they become a ``StoreError``.
+The lease protocol (``app.store.sql``), the same on every backend: a job row is inserted with
+a lease row that either *claims* it for the accepting process (attempt 1, with a lease) or
+*reserves* it (attempt 0: the accepting process may claim it first, until the grace time
+ends). A claim bumps ``attempts`` and sets ``lease_until``; heartbeats renew it; ``finish``
+lands only while the lease row still names that owner and attempt (the fencing token). A lease
+that ran out, a reservation past its grace time, or anything held by an owner whose liveness
+lock is free is *stale*: any process's sweep may claim it. Every claim is taken only when the
+process can start running it at once, so ``attempts`` counts runs that really started.
+
+The store also keeps the **registry** of the claims and reservations this process holds
+(``ClaimRegistry``), changed only when the write that took or ended a claim commits, so a
+claim whose requester was cancelled meanwhile is still known and released at shutdown. Driver
+errors never leave this package: they become a ``StoreError``.
 """
 
+import os
+import socket
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +33,7 @@ from app.jobs import Claim, JobStatus
 
 if TYPE_CHECKING:
     from app.config import Settings
+    from app.store.sql import Database
 
 Clock = Callable[[], float]
 
@@ -31,11 +43,23 @@ class StoreError(Exception):
 
 
 class StoreUnavailableError(StoreError):
-    """The store cannot take this request now (locked, read-only, full); retrying may help."""
+    """The store cannot take this request now (locked, read-only, full); retrying may help.
 
-    def __init__(self, message: str, reason: str = "the database is not answering") -> None:
+    ``every_write`` says whether any other write would fail the same way now (an unreachable,
+    busy or read-only database) or whether this write may have failed for its own sake (a full
+    disk refuses a large insert while a small one still fits).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        reason: str = "the database is not answering",
+        *,
+        every_write: bool = True,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
+        self.every_write = every_write
 
 
 class StoreConflictError(StoreUnavailableError):
@@ -60,11 +84,56 @@ class JobRecord:
 
 @dataclass(frozen=True, slots=True)
 class LeasePolicy:
-    """How long claims last and how often a job may be started."""
+    """How long claims last, how often a job may be started, and which jobs are large."""
 
     lease_seconds: float
     claim_grace_seconds: float
     max_attempts: int
+    # Inputs of at least this many characters are large: a sweep claims no more of them than
+    # the process has large-job lanes free.
+    large_input_length: int = 128 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What one sweep did: the claims it took, the leases it found lost, the jobs it failed."""
+
+    small: list[Claim] = field(default_factory=list)
+    large: list[Claim] = field(default_factory=list)
+    lost: set[Claim] = field(default_factory=set)
+    failed: list[str] = field(default_factory=list)
+
+
+class ClaimRegistry:
+    """The claims and reservations one process holds, by identity (job, owner, attempt).
+
+    The store changes it when the write that took or ended a claim commits, never before or
+    on a caller's behalf; the runner reads it.
+    """
+
+    def __init__(self) -> None:
+        self._claims: set[Claim] = set()
+
+    def __contains__(self, claim: object) -> bool:
+        return claim in self._claims
+
+    def __iter__(self) -> Iterator[Claim]:
+        return iter(tuple(self._claims))
+
+    def __len__(self) -> int:
+        return len(self._claims)
+
+    def add(self, claims: Iterable[Claim]) -> None:
+        """Hold these claims (or reservations)."""
+        self._claims.update(claims)
+
+    def discard(self, claims: Iterable[Claim]) -> None:
+        """Stop holding exactly these claims; another attempt of the same job is untouched."""
+        self._claims.difference_update(claims)
+
+    def running(self) -> list[Claim]:
+        """The claims (not reservations): the leases a heartbeat renews."""
+        return [claim for claim in self._claims if not claim.is_reservation]
 
 
 INTERRUPTED_TOO_OFTEN = (
@@ -76,22 +145,32 @@ INTERRUPTED_TOO_OFTEN = (
 class JobStore(Protocol):
     """What the API and the runner need from storage."""
 
+    @property
+    def owner(self) -> str:
+        """The owner id of this process: unique, named in the lease rows of the jobs it holds."""
+
+    @property
+    def held(self) -> ClaimRegistry:
+        """The claims and reservations this process holds (read it, do not change it)."""
+
     async def open(self) -> None:
-        """Connect, check the database and create or upgrade the schema."""
+        """Connect, check the database, create or upgrade the schema, take the liveness lock."""
 
     async def close(self) -> None:
-        """Finish pending writes and disconnect."""
+        """Finish pending writes, let go of the liveness lock and disconnect."""
+
+    async def flush(self) -> None:
+        """Wait until every write queued so far has committed (or failed)."""
 
     async def ping(self) -> None:
         """Raise StoreError unless the database answers."""
 
-    async def create_job(
-        self, job_id: str, input_json: str, owner: str | None = None
-    ) -> Claim | None:
+    async def create_job(self, job_id: str, input_json: str, *, claimed: bool) -> Claim:
         """Insert a new job; return only once it is committed.
 
-        With an ``owner`` the job is inserted already claimed by it (its first attempt, which
-        the caller is about to run) and that claim is returned; without, it is unclaimed.
+        ``claimed``: the caller is about to run it, so it is inserted claimed (attempt 1);
+        otherwise, or once the store takes no claims, it is reserved (attempt 0). The claim or
+        reservation is held (``held``) from the commit on.
         """
 
     async def get_job(self, job_id: str, *, with_output: bool = False) -> JobRecord | None:
@@ -100,23 +179,39 @@ class JobStore(Protocol):
     async def load_input(self, job_id: str) -> str | None:
         """Return the job's input JSON, or None if there is no such job."""
 
-    async def claim(self, job_id: str, owner: str) -> Claim | None:
-        """Claim this job if it is processing and nobody holds a live lease on it."""
+    async def claim(self, job_id: str) -> Claim | None:
+        """Claim this job: this process's own reservation of it, or a free or stale lease."""
 
-    async def claim_stale(self, owner: str, limit: int) -> list[Claim]:
-        """Fail stale jobs out of attempts, then claim up to ``limit`` other stale jobs."""
+    async def sweep(self, *, slots: int, lanes: int) -> Swept:
+        """Renew what this process holds, fail stale jobs out of attempts, claim stale jobs.
 
-    async def renew(self, claims: Iterable[Claim]) -> set[str]:
-        """Extend these claims' leases; return the ids of the jobs still held."""
+        Claims up to ``min(slots, lanes)`` large jobs, then small ones for the slots left
+        (none once the store takes no claims). Leases of owners whose liveness lock is free
+        count as expired.
+        """
+
+    async def renew(self) -> set[Claim]:
+        """Extend the leases of every claim held; return those that were lost (no longer held)."""
 
     async def finish(self, claim: Claim, *, output_json: str | None, error: str | None) -> bool:
-        """Record the outcome if ``claim`` is still the job's current claim; say whether it was."""
+        """Record the outcome if ``claim`` is still the job's current claim; say whether it was.
 
-    async def release(self, claims: Iterable[Claim], unclaimed: Iterable[str] = ()) -> None:
-        """Give these claims up so another process can take the jobs at once.
+        Either way the claim is no longer held afterwards.
+        """
 
-        ``unclaimed`` names jobs this process accepted but never claimed: their grace time is
-        cut short, for the same reason.
+    async def release(self, claims: Iterable[Claim]) -> None:
+        """Give these claims and reservations up, so any process can take the jobs at once."""
+
+    def abandon(self, claim: Claim) -> None:
+        """Stop holding ``claim`` without telling the database; its lease runs out.
+
+        For when not even a release can be written: a sweep retries the job later.
+        """
+
+    def stop_claiming(self) -> None:
+        """Take no more claims (the process is draining): new jobs are only reserved.
+
+        Safe to call from a signal handler: it only sets an attribute.
         """
 
     def on_jobs_released(self, wake: Callable[[], None]) -> None:
@@ -132,33 +227,53 @@ def iso_utc(epoch_seconds: float) -> str:
     return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def open_store(settings: "Settings", clock: Clock = time.time) -> JobStore:
-    """Choose the backend by DATABASE_URL's scheme; the caller still opens the store."""
-    policy = LeasePolicy(
+def new_owner_id() -> str:
+    """An owner id for this process: its host and pid (for people), and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def lease_policy(settings: "Settings") -> LeasePolicy:
+    """The lease policy the settings ask for."""
+    return LeasePolicy(
         lease_seconds=settings.job_lease_seconds,
         claim_grace_seconds=settings.job_claim_grace_seconds,
         max_attempts=settings.job_max_attempts,
+        large_input_length=settings.flow_process_threshold_bytes,
     )
+
+
+def make_database(settings: "Settings") -> "Database":
+    """The backend DATABASE_URL names (by its scheme), not yet connected."""
     url = settings.database_url
     if url.startswith("sqlite://"):
-        from app.store.sqlite import SQLiteJobStore, sqlite_path
+        from app.store.sqlite import SQLiteDatabase, sqlite_path
 
-        return SQLiteJobStore(
+        return SQLiteDatabase(
             sqlite_path(url),
-            policy,
             synchronous=settings.sqlite_synchronous,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-            clock=clock,
         )
     if url.startswith(("postgresql://", "postgres://")):
-        from app.store.postgres import PostgresJobStore
+        from app.store.postgres import PostgresDatabase
 
-        return PostgresJobStore(
+        return PostgresDatabase(
             url,
-            policy,
             pool_size=settings.database_pool_size,
             timeout_seconds=settings.database_timeout_seconds,
             startup_timeout_seconds=settings.database_startup_timeout_seconds,
-            clock=clock,
         )
     raise ValueError(f"Unsupported DATABASE_URL: expected sqlite:/// or postgresql://, not {url!r}")
+
+
+def make_store(
+    settings: "Settings",
+    clock: Clock = time.time,
+    owner: str | None = None,
+    database: "Database | None" = None,
+) -> JobStore:
+    """The store for DATABASE_URL (or over ``database``), as ``owner``; the caller opens it."""
+    from app.store.sql import SQLJobStore
+
+    return SQLJobStore(
+        database or make_database(settings), lease_policy(settings), clock, owner or new_owner_id()
+    )

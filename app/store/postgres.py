@@ -1,9 +1,16 @@
 """The PostgreSQL backend (psycopg 3, async, pooled): several replicas on one database.
 
 The job and lease logic is ``app.store.sql``'s, with ``FOR UPDATE SKIP LOCKED`` on the
-subqueries that pick jobs to claim or fail, so replicas never wait for each other's rows or
-take the same job twice. This module connects, migrates under an advisory lock (replicas
-starting together upgrade the schema once) and turns driver errors into the store's.
+subqueries that pick jobs to claim, fail or expire, so replicas never wait for each other's
+rows or take the same job twice. This module connects, migrates under an advisory lock
+(replicas starting together upgrade the schema once) and turns driver errors into the store's.
+
+Each replica holds a session-level advisory lock for its owner id on a connection of its own
+(the one that also LISTENs for released jobs). PostgreSQL drops that lock when the connection
+ends, so when a replica dies the others see its lock free (in ``pg_locks``) and take its jobs
+at once instead of waiting out its leases. A replica whose lock connection drops reconnects and
+claims nothing until it holds its lock again; leases remain the safety net for a replica the
+database still thinks is connected (a network partition).
 """
 
 import asyncio
@@ -11,7 +18,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,15 +28,12 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.config import redact
-from app.jobs import Claim
 from app.store import (
-    Clock,
-    LeasePolicy,
     StoreConflictError,
     StoreError,
     StoreUnavailableError,
 )
-from app.store.sql import Dialect, Row, SQLJobStore, upgrade_schema
+from app.store.sql import Dialect, Row, Transaction, upgrade_schema
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,14 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX job_leases_by_lease ON job_leases (lease_until)
     """,
+    # 2: the input's length beside its lease, so a sweep claims no more large jobs than it
+    # has lanes for them (and the rest are left to other replicas).
+    """
+    ALTER TABLE job_leases ADD COLUMN input_length INTEGER NOT NULL DEFAULT 0;
+    UPDATE job_leases SET input_length = (
+        SELECT length(input_data) FROM jobs WHERE jobs.job_id = job_leases.job_id
+    )
+    """,
 )
 # pg_advisory_xact_lock key held while migrating: any constant the other users of the
 # database do not use ("expand-reduce" in ASCII).
@@ -63,7 +76,33 @@ MIGRATION_LOCK = 0x657870616E64
 RETRY_PAUSE_SECONDS = 1.0
 # NOTIFY'd when a replica releases jobs (it is stopping), so the others sweep at once.
 RELEASED_CHANNEL = "expand_reduce_jobs_released"
-LISTEN_RETRY_SECONDS = 5.0
+LOCK_RETRY_SECONDS = 2.0
+
+
+# Owners' liveness locks are advisory locks (OWNER_LOCK_SPACE, crc32 of the owner id). Two ids
+# with the same crc32 only make a dead owner look alive: its leases then run out as usual.
+OWNER_LOCK_SPACE = 0x65787072  # "expr"
+LIVE_OWNER_LOCKS = """
+    SELECT objid::bigint FROM pg_locks
+    WHERE locktype = 'advisory' AND classid::bigint = %s AND objsubid = 2 AND granted
+        AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+# libpq keepalives on the lock connection, so a vanished server is noticed within ~30 s.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+
+def owner_lock_key(owner: str) -> int:
+    """The advisory lock key of ``owner``, as ``pg_locks.objid`` shows it (0 to 2**32 - 1)."""
+    return zlib.crc32(owner.encode())
+
+
+def _as_int4(key: int) -> int:
+    return key - 2**32 if key >= 2**31 else key
 
 
 class _PostgresTransaction:
@@ -85,26 +124,27 @@ class _PostgresTransaction:
             await cursor.executemany(sql, rows)
 
 
-class PostgresJobStore(SQLJobStore):
-    """Jobs in a PostgreSQL database shared by any number of replicas."""
+class PostgresDatabase:
+    """A PostgreSQL database shared by any number of replicas."""
+
+    dialect = Dialect(placeholder="%s", lock="FOR UPDATE SKIP LOCKED")
 
     def __init__(
         self,
         url: str,
-        policy: LeasePolicy,
         *,
         pool_size: int = 10,
         timeout_seconds: float = 5.0,
         startup_timeout_seconds: float = 60.0,
-        clock: Clock,
     ) -> None:
-        super().__init__(policy, clock, Dialect(placeholder="%s", lock="FOR UPDATE SKIP LOCKED"))
         self.url = redact(url)
         self._url = url
-        self._listener: asyncio.Task[None] | None = None
         self._startup_timeout = startup_timeout_seconds
-        # For the pool's connections and the LISTEN one. Reads run alone; writes open a
-        # transaction of their own (``_transaction``).
+        self._lock_connection: psycopg.AsyncConnection[Any] | None = None
+        self._lock_keeper: asyncio.Task[None] | None = None
+        self._wakes: list[Callable[[], None]] = []
+        # For the pool's connections and the lock one. Reads run alone; writes open a
+        # transaction of their own (``transaction``).
         self._connection_options: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, math.ceil(timeout_seconds)),
@@ -120,14 +160,25 @@ class PostgresJobStore(SQLJobStore):
             name="jobs",
         )
 
-    async def open(self) -> None:
-        """Connect (retrying while the database comes up), then create or upgrade the schema."""
+    @property
+    def name(self) -> str:
+        """The URL, without its password."""
+        return self.url
+
+    @property
+    def holds_owner_lock(self) -> bool:
+        """Whether the lock connection is up and holds this owner's lock."""
+        return self._lock_connection is not None and not self._lock_connection.closed
+
+    async def open(self, owner: str) -> None:
+        """Connect (retrying while the database comes up), migrate, take the owner's lock."""
         await self._pool.open(wait=False)
         deadline = time.monotonic() + self._startup_timeout
         while True:
             try:
                 await self._migrate()
-                return
+                self._lock_connection = await self._lock_owner(owner)
+                break
             except StoreUnavailableError as error:
                 if time.monotonic() >= deadline:
                     await self._pool.close()
@@ -137,9 +188,10 @@ class PostgresJobStore(SQLJobStore):
             except BaseException:
                 await self._pool.close()
                 raise
+        self._lock_keeper = asyncio.create_task(self._keep_owner_lock(owner))
 
     async def _migrate(self) -> None:
-        async with self._transaction() as tx:
+        async with self.transaction() as tx:
             await tx.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             await tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)", ())
             rows = await tx.fetch("SELECT version FROM schema_version", ())
@@ -151,53 +203,91 @@ class PostgresJobStore(SQLJobStore):
             version = rows[0][0] if rows else 0
             await upgrade_schema(tx, MIGRATIONS, version, record, self.url)
 
+    async def _lock_owner(self, owner: str) -> psycopg.AsyncConnection[Any]:
+        """A new connection holding ``owner``'s liveness lock and listening for releases."""
+        try:
+            connection = await psycopg.AsyncConnection.connect(
+                self._url, **self._connection_options, **KEEPALIVES
+            )
+        except psycopg.Error as error:
+            raise self._translate(error) from error
+        try:
+            key = _as_int4(owner_lock_key(owner))
+            cursor = await connection.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)", (_as_int4(OWNER_LOCK_SPACE), key)
+            )
+            row = await cursor.fetchone()
+            if row is None or not row[0]:
+                # Our previous session is not gone yet, or another live owner has our key.
+                raise StoreUnavailableError(
+                    f"the liveness lock of {owner} is held by another session",
+                    "the database is busy",
+                )
+            await connection.execute(f"LISTEN {RELEASED_CHANNEL}")
+        except BaseException as error:
+            await connection.close()
+            if isinstance(error, psycopg.Error):
+                raise self._translate(error) from error
+            raise
+        return connection
+
+    async def _keep_owner_lock(self, owner: str) -> None:
+        """Pass notifications on while the lock connection lives; get a new one when it dies."""
+        while True:
+            connection = self._lock_connection
+            if connection is not None:
+                try:
+                    async for _ in connection.notifies():
+                        for wake in self._wakes:
+                            wake()
+                except psycopg.Error as error:
+                    logger.warning("lost the liveness lock's connection (%s)", error)
+                with contextlib.suppress(psycopg.Error):
+                    await connection.close()
+                self._lock_connection = None
+            await asyncio.sleep(LOCK_RETRY_SECONDS)
+            try:
+                self._lock_connection = await self._lock_owner(owner)
+                logger.info("holding the liveness lock of %s again", owner)
+            except StoreError as error:
+                logger.warning(
+                    "claiming nothing until the liveness lock is back (%s); retrying in %.0f s",
+                    error,
+                    LOCK_RETRY_SECONDS,
+                )
+
     async def close(self) -> None:
-        """Apply what is queued, then close the pool; safe to call twice."""
-        if self._listener is not None:
-            self._listener.cancel()
+        """Let go of the owner's lock, then close the pool; safe to call twice."""
+        if self._lock_keeper is not None:
+            self._lock_keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
-        await self._flush()
+                await self._lock_keeper
+            self._lock_keeper = None
+        if self._lock_connection is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self._lock_connection.close()
+            self._lock_connection = None
         await self._pool.close()
 
-    async def release(self, claims: Iterable[Claim], unclaimed: Iterable[str] = ()) -> None:
-        """Give these jobs up, and tell the other replicas so they sweep now."""
-        claims, unclaimed = list(claims), list(unclaimed)
-        await super().release(claims, unclaimed)
-        if claims or unclaimed:
-            with contextlib.suppress(StoreError):  # a hint only; their sweeps come anyway
-                await self._fetch("SELECT pg_notify(%s, '')", (RELEASED_CHANNEL,))
+    async def dead_owners(self, tx: Transaction, owners: Sequence[str]) -> set[str]:
+        """The owners whose advisory liveness lock no session holds."""
+        live = {key for (key,) in await tx.fetch(LIVE_OWNER_LOCKS, (OWNER_LOCK_SPACE,))}
+        return {owner for owner in owners if owner_lock_key(owner) not in live}
+
+    async def announce_release(self, tx: Transaction) -> None:
+        """NOTIFY the other replicas (delivered when ``tx`` commits), so they sweep now."""
+        await tx.execute("SELECT pg_notify(%s, '')", (RELEASED_CHANNEL,))
 
     def on_jobs_released(self, wake: Callable[[], None]) -> None:
-        """LISTEN on a connection of its own (outside the pool) and call ``wake`` per NOTIFY.
+        """Call ``wake`` on every NOTIFY of released jobs that the lock connection hears.
 
         Notifications are lost while that connection is down and do not pass through
         transaction-mode poolers; the periodic sweep covers both.
         """
-        if self._listener is None:
-            self._listener = asyncio.create_task(self._listen(wake))
-
-    async def _listen(self, wake: Callable[[], None]) -> None:
-        while True:
-            try:
-                connection = await psycopg.AsyncConnection.connect(
-                    self._url, **self._connection_options
-                )
-                async with connection:
-                    await connection.execute(f"LISTEN {RELEASED_CHANNEL}")
-                    async for _ in connection.notifies():
-                        wake()
-            except psycopg.Error as error:
-                logger.warning(
-                    "not listening for released jobs (%s); retrying in %.0f s",
-                    error,
-                    LISTEN_RETRY_SECONDS,
-                )
-            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+        self._wakes.append(wake)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[_PostgresTransaction]:
+    async def transaction(self) -> AsyncIterator[Transaction]:
         """A transaction on a pooled connection: committed on leaving, rolled back on error."""
         try:
             async with self._pool.connection() as connection, connection.transaction():
@@ -205,7 +295,8 @@ class PostgresJobStore(SQLJobStore):
         except (psycopg.Error, PoolTimeout) as error:
             raise self._translate(error) from error
 
-    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        """Run one read on a pooled connection, outside any transaction."""
         try:
             async with self._pool.connection() as connection:
                 return await _PostgresTransaction(connection).fetch(sql, params)
@@ -226,7 +317,8 @@ class PostgresJobStore(SQLJobStore):
         if isinstance(error, pg_errors.ReadOnlySqlTransaction):
             return StoreUnavailableError(message, "the database is read-only")
         if isinstance(error, pg_errors.DiskFull):
-            return StoreUnavailableError(message, "the database disk is full")
+            # A large write may fail where a small one still fits.
+            return StoreUnavailableError(message, "the database disk is full", every_write=False)
         if isinstance(error, psycopg.OperationalError):
             return StoreUnavailableError(message, "the database is unreachable")
         return StoreError(f"PostgreSQL error on {self.url}: {error}")

@@ -1,18 +1,25 @@
 """The lease protocol, written once: the statements and the logic both SQL backends run.
 
-A backend supplies a transaction (and a way to read outside one) and says how its driver
-writes placeholders and row locks; everything about jobs and leases is here. Statements are
-written with ``?`` placeholders and a ``{lock}`` slot after the subqueries that pick rows to
-claim or fail: SQLite fills it with nothing (it has one writer at a time), PostgreSQL with
-``FOR UPDATE SKIP LOCKED``, so concurrent replicas skip the rows another is taking rather
-than wait for them or take them twice.
+A backend (``Database``) supplies transactions, reads outside them and its owners' liveness
+locks, and says how its driver writes placeholders and row locks; everything about jobs and
+leases is here. Statements are written with ``?`` placeholders and a ``{lock}`` slot after the
+subqueries that pick rows to claim, fail or expire: SQLite fills it with nothing (it has one
+writer at a time), PostgreSQL with ``FOR UPDATE SKIP LOCKED``, so concurrent replicas skip the
+rows another is taking rather than wait for them or take them twice.
 
-Times are the application's clock (seconds since the epoch), not the database's, so a
-lease means the same on every backend and tests can move the clock.
+Every write goes through one group commit (``app.store.group_commit``) with a stage per kind,
+applied in this order within a transaction: inserts, renewals, sweeps, finishes, claims,
+releases. What renews the claims held (a renewal, or the start of every sweep) comes before
+what ends claims, so a claim that finishes in the same transaction is renewed first rather
+than taken for lost; and a sweep renews everything its process holds before it claims, so a
+process never sweeps up a job it is itself running, however long it was paused. Each result is
+keyed by the claim's full identity (job, owner, attempt), never by the job alone.
+
+Times are the application's clock (seconds since the epoch), not the database's, so a lease
+means the same on every backend and tests can move the clock.
 """
 
 import logging
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -22,13 +29,15 @@ from app.batching import Batcher
 from app.jobs import Claim, JobStatus
 from app.store import (
     INTERRUPTED_TOO_OFTEN,
+    ClaimRegistry,
     Clock,
     JobRecord,
     LeasePolicy,
-    StoreConflictError,
     StoreCorruptError,
+    Swept,
     iso_utc,
 )
+from app.store.group_commit import GroupCommit
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +45,51 @@ T = TypeVar("T")
 Row = Sequence[Any]
 
 # A job has a job_leases row exactly while it is processing. A lease is live while
-# lease_until >= now; an unclaimed job's lease_until is the end of its grace time.
+# lease_until >= now; a reservation's lease_until is the end of its grace time.
 INSERT_JOB = """
     INSERT INTO jobs (job_id, status, created_at, updated_at, input_data)
     VALUES (?, 'processing', ?, ?, ?)
 """
-INSERT_LEASE = "INSERT INTO job_leases (job_id, owner, attempts, lease_until) VALUES (?, ?, ?, ?)"
-# Claims and finishes of one batch are each one statement; RETURNING says which landed.
+INSERT_LEASE = """
+    INSERT INTO job_leases (job_id, owner, attempts, lease_until, input_length)
+    VALUES (?, ?, ?, ?, ?)
+"""
+# Renewals, finishes and releases are fenced by the whole claim, and say which claims landed.
+RENEW = """
+    UPDATE job_leases SET lease_until = ? WHERE (job_id, owner, attempts) IN (VALUES {rows})
+    RETURNING job_id, owner, attempts
+"""
+END_LEASES = """
+    DELETE FROM job_leases WHERE (job_id, owner, attempts) IN (VALUES {rows})
+    RETURNING job_id, owner, attempts
+"""
+RECORD_OUTCOME = """
+    UPDATE jobs SET status = ?, output_data = ?, error = ?, updated_at = ? WHERE job_id = ?
+"""
+RELEASE = """
+    UPDATE job_leases SET owner = NULL, lease_until = ?
+    WHERE (job_id, owner, attempts) IN (VALUES {rows})
+"""
+# A claim by id takes this owner's own reservation at any time, or a free or stale lease.
 CLAIM = """
     UPDATE job_leases SET owner = ?, attempts = attempts + 1, lease_until = ?
     WHERE job_id IN (
         SELECT job_id FROM job_leases
-        WHERE job_id IN ({ids}) AND attempts < ? AND (owner IS NULL OR lease_until < ?)
+        WHERE job_id IN ({ids}) AND attempts < ?
+            AND (owner IS NULL OR lease_until < ? OR (owner = ? AND attempts = 0))
         {lock}
     )
     RETURNING job_id, attempts
 """
-END_LEASES = """
-    DELETE FROM job_leases WHERE (job_id, owner, attempts) IN (VALUES {rows})
-    RETURNING job_id
+# Other owners with live leases or reservations: their liveness locks say whether they live.
+LIVE_OWNERS = """
+    SELECT DISTINCT owner FROM job_leases
+    WHERE owner IS NOT NULL AND owner <> ? AND lease_until >= ?
 """
-RECORD_OUTCOME = """
-    UPDATE jobs SET status = ?, output_data = ?, error = ?, updated_at = ? WHERE job_id = ?
+EXPIRE_OWNERS = """
+    UPDATE job_leases SET lease_until = ? WHERE job_id IN (
+        SELECT job_id FROM job_leases WHERE owner IN ({owners}) AND lease_until >= ? {lock}
+    )
 """
 FAIL_EXHAUSTED = """
     DELETE FROM job_leases WHERE job_id IN (
@@ -68,27 +100,21 @@ FAIL_EXHAUSTED = """
 CLAIM_STALE = """
     UPDATE job_leases SET owner = ?, attempts = attempts + 1, lease_until = ?
     WHERE job_id IN (
-        SELECT job_id FROM job_leases WHERE lease_until < ? AND attempts < ?
+        SELECT job_id FROM job_leases
+        WHERE lease_until < ? AND attempts < ? AND input_length >= ? AND input_length < ?
         ORDER BY lease_until LIMIT ? {lock}
     )
     RETURNING job_id, attempts
 """
-RENEW = """
-    UPDATE job_leases SET lease_until = ? WHERE (job_id, owner, attempts) IN (VALUES {rows})
-    RETURNING job_id
-"""
-RELEASE = """
-    UPDATE job_leases SET owner = NULL, lease_until = ?
-    WHERE job_id = ? AND owner = ? AND attempts = ?
-"""
-END_GRACE = "UPDATE job_leases SET lease_until = ? WHERE job_id IN ({ids}) AND owner IS NULL"
 STATUSES = "SELECT job_id, status, created_at, updated_at, error FROM jobs WHERE job_id IN ({ids})"
 RESULT = "SELECT status, created_at, updated_at, output_data, error FROM jobs WHERE job_id = ?"
 INPUT = "SELECT input_data FROM jobs WHERE job_id = ?"
+# The lease_until of a lease whose owner is gone: long past, so sweeps take it first.
+EXPIRED = 0.0
+# Beyond any input's length: the upper bound of "large".
+NO_LIMIT = 2**62
 # Well below both databases' limits on bound parameters per statement.
-CHUNK = 500
-# Tries of a write batch that the database rolls back to break a deadlock.
-CONFLICT_RETRIES = 3
+CHUNK = 300
 
 
 class Transaction(Protocol):
@@ -109,7 +135,7 @@ class Dialect:
     """How one driver writes what the shared statements leave open."""
 
     placeholder: str  # "?" (sqlite3) or "%s" (psycopg)
-    lock: str  # appended to the subqueries that pick rows to claim or fail
+    lock: str  # appended to the subqueries that pick rows to claim, fail or expire
 
     def render(self, template: str, **lists: str) -> str:
         """The statement for this driver, with ``{ids}``/``{rows}`` lists already expanded."""
@@ -117,6 +143,43 @@ class Dialect:
         for name, marks in lists.items():
             sql = sql.replace("{" + name + "}", marks)
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+
+class Database(Protocol):
+    """A backend: connections, transactions, and the liveness locks of owners."""
+
+    @property
+    def dialect(self) -> Dialect:
+        """How this backend's driver writes placeholders and row locks."""
+
+    @property
+    def name(self) -> str:
+        """The database, for messages (never with a password)."""
+
+    @property
+    def holds_owner_lock(self) -> bool:
+        """Whether this process holds its liveness lock now; it claims nothing while not."""
+
+    async def open(self, owner: str) -> None:
+        """Connect, create or upgrade the schema, then take ``owner``'s liveness lock."""
+
+    async def close(self) -> None:
+        """Let go of the liveness lock and disconnect."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """A write transaction: committed on leaving, rolled back on an error (as StoreError)."""
+
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        """Run one read-only statement outside any write transaction."""
+
+    async def dead_owners(self, tx: Transaction, owners: Sequence[str]) -> set[str]:
+        """Those of ``owners`` whose liveness lock nobody holds: their processes are gone."""
+
+    async def announce_release(self, tx: Transaction) -> None:
+        """Tell other processes, once ``tx`` commits, that jobs were released."""
+
+    def on_jobs_released(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another process announces released jobs, if the backend can."""
 
 
 def marks(count: int, width: int = 1) -> str:
@@ -131,9 +194,9 @@ def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
-def fence(claim: Claim) -> tuple[str, str, int]:
-    """What must still match for a claim to act: the job, its owner and the attempt."""
-    return claim.job_id, claim.owner, claim.attempt
+def fences(claims: Iterable[Claim]) -> list[Any]:
+    """The values that must still match for these claims to act, flattened for ``{rows}``."""
+    return [value for claim in claims for value in (claim.job_id, claim.owner, claim.attempt)]
 
 
 async def upgrade_schema(
@@ -165,204 +228,332 @@ def outcome_status(error: str | None) -> JobStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class _Insert:
+class NewJob:
+    """Insert a job, claimed by this process or reserved for it."""
+
     job_id: str
     input_json: str
-    owner: str | None
+    claimed: bool
 
 
 @dataclass(frozen=True, slots=True)
-class _Claim:
-    job_id: str
-    owner: str
+class Finish:
+    """Record a claim's outcome: a result, or an error."""
 
-
-@dataclass(frozen=True, slots=True)
-class _Finish:
     claim: Claim
     output_json: str | None
     error: str | None
 
 
 @dataclass(frozen=True, slots=True)
-class _Renew:
-    claims: tuple[Claim, ...]
+class SweepRequest:
+    """Claim stale jobs for this many slots, large ones only as many as there are lanes."""
+
+    slots: int
+    lanes: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Release:
-    claims: tuple[Claim, ...]
-    unclaimed: tuple[str, ...]
+# A renewal carries nothing: it renews whatever is held when its transaction runs.
+Renewal = None
 
 
-_Write = _Insert | _Claim | _Finish | _Renew | _Release
+class SQLJobStore:
+    """The JobStore protocol over a ``Database``: one process's handle on the jobs."""
 
-
-class SQLJobStore(ABC):
-    """The JobStore protocol over any backend that can open a transaction.
-
-    Inserts, claims, finishes, renewals and releases issued while a write transaction is in
-    flight all go into the next one (group commit; each caller is still answered only after
-    its commit), and status lookups made at the same moment share one query. Going through
-    that one queue also means a process's own writes to its leases never run in two
-    transactions at once, so a heartbeat cannot deadlock with a finish on PostgreSQL's locks.
-    """
-
-    def __init__(self, policy: LeasePolicy, clock: Clock, dialect: Dialect) -> None:
+    def __init__(self, database: Database, policy: LeasePolicy, clock: Clock, owner: str) -> None:
+        self._db = database
         self._policy = policy
         self._clock = clock
-        self._dialect = dialect
+        self._owner = owner
+        self._held = ClaimRegistry()
+        self._claiming = True
+        self._sql = database.dialect.render
         self._exhausted_error = INTERRUPTED_TOO_OFTEN.format(attempts=policy.max_attempts)
-        self._writes: Batcher[_Write, Any] = Batcher(self._apply_writes)
+        writes: GroupCommit[Transaction] = GroupCommit(database.transaction, clock)
+        # In this order within a transaction: anything that renews what is held (renewals,
+        # sweeps) comes before anything that ends a claim (finishes, releases), so a claim
+        # ending in the same transaction is renewed, not mistaken for lost.
+        self._inserts = writes.stage(self._apply_inserts, self._took)
+        self._renewals = writes.stage(self._apply_renewals, self._lost)
+        self._sweeps = writes.stage(self._apply_sweeps, self._swept)
+        self._finishes = writes.stage(self._apply_finishes, self._ended)
+        self._claims = writes.stage(self._apply_claims, self._converted)
+        self._releases = writes.stage(self._apply_releases, self._released)
+        self._writes = writes
         self._status_reads: Batcher[str, JobRecord | None] = Batcher(self._read_statuses)
 
-    @abstractmethod
-    def _transaction(self) -> AbstractAsyncContextManager[Transaction]:
-        """A write transaction: committed on leaving, rolled back on an error (as StoreError)."""
+    @property
+    def owner(self) -> str:
+        """The owner id of this process."""
+        return self._owner
 
-    @abstractmethod
-    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        """Run one read-only statement outside any write transaction."""
+    @property
+    def held(self) -> ClaimRegistry:
+        """The claims and reservations this process holds."""
+        return self._held
 
-    def _sql(self, template: str, **lists: str) -> str:
-        return self._dialect.render(template, **lists)
+    @property
+    def database(self) -> Database:
+        """The backend (for tests and diagnostics)."""
+        return self._db
 
-    async def _flush(self) -> None:
-        """Apply what is queued; a backend calls this before it closes."""
+    async def open(self) -> None:
+        """Connect, migrate, and take this owner's liveness lock."""
+        await self._db.open(self._owner)
+
+    async def close(self) -> None:
+        """Apply what is queued, then let go of the liveness lock and disconnect."""
+        await self.flush()
+        await self._db.close()
+
+    async def flush(self) -> None:
+        """Wait until every write and read queued so far is done."""
         await self._writes.flush()
         await self._status_reads.flush()
 
     async def ping(self) -> None:
         """Raise StoreError unless a query answers."""
-        await self._fetch("SELECT 1", ())
+        await self._db.fetch("SELECT 1", ())
 
-    async def create_job(
-        self, job_id: str, input_json: str, owner: str | None = None
-    ) -> Claim | None:
-        """Insert a job claimed by ``owner`` (its first attempt), or unclaimed without one.
+    def stop_claiming(self) -> None:
+        """Take no more claims; new jobs are only reserved."""
+        self._claiming = False
 
-        An unclaimed job may be taken by any process's sweep once its grace time is over.
-        """
-        await self._writes.submit(_Insert(job_id, input_json, owner))
-        return Claim(job_id, owner, 1) if owner is not None else None
+    def abandon(self, claim: Claim) -> None:
+        """Stop holding ``claim``; its lease runs out and a sweep retries the job."""
+        self._held.discard([claim])
 
-    async def claim(self, job_id: str, owner: str) -> Claim | None:
-        """Claim the job if it is processing, has attempts left and no live lease."""
-        claim: Claim | None = await self._writes.submit(_Claim(job_id, owner))
-        return claim
+    def on_jobs_released(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another process releases jobs, if the backend can tell."""
+        self._db.on_jobs_released(wake)
 
-    async def finish(self, claim: Claim, *, output_json: str | None, error: str | None) -> bool:
-        """Record the outcome, fenced by the claim's owner and attempt."""
-        landed: bool = await self._writes.submit(_Finish(claim, output_json, error))
-        return landed
+    def _can_claim(self) -> bool:
+        return self._claiming and self._db.holds_owner_lock
 
-    async def _apply_writes(self, ops: Sequence[_Write]) -> list[Any]:
-        """Apply one batch; again if the database rolled it back to break a deadlock.
+    # Inserts.
 
-        Each try is one transaction, all or nothing, so running it again is safe.
-        """
-        for attempt in range(1, CONFLICT_RETRIES + 1):
-            try:
-                return await self._apply_writes_once(ops)
-            except StoreConflictError as error:
-                if attempt == CONFLICT_RETRIES:
-                    raise
-                logger.warning("write batch rolled back (%s); running it again", error)
-        raise AssertionError("unreachable")
+    async def create_job(self, job_id: str, input_json: str, *, claimed: bool) -> Claim:
+        """Insert a job claimed by this process (attempt 1) or reserved for it (attempt 0)."""
+        return await self._inserts.submit(NewJob(job_id, input_json, claimed))
 
-    async def _apply_writes_once(self, ops: Sequence[_Write]) -> list[Any]:
-        """Apply one batch in one transaction: inserts, claims, finishes, renewals, releases."""
-        now = self._clock()
-        results: dict[int, Any] = {}
-        async with self._transaction() as tx:
-            inserts = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Insert)]
-            if inserts:
-                grace = now + self._policy.claim_grace_seconds
-                until = now + self._policy.lease_seconds
-                stamp = iso_utc(now)
-                jobs = [(op.job_id, stamp, stamp, op.input_json) for _, op in inserts]
-                await tx.execute_many(self._sql(INSERT_JOB), jobs)
-                leases = [
-                    (op.job_id, None, 0, grace)
-                    if op.owner is None
-                    else (op.job_id, op.owner, 1, until)
-                    for _, op in inserts
-                ]
-                await tx.execute_many(self._sql(INSERT_LEASE), leases)
-                results.update((i, None) for i, _ in inserts)
-            claims = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Claim)]
-            results.update(await self._apply_claims(tx, claims, now))
-            finishes = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Finish)]
-            results.update(await self._apply_finishes(tx, finishes, now))
-            renewals = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Renew)]
-            results.update(await self._apply_renewals(tx, renewals, now))
-            releases = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Release)]
-            if releases:
-                rows = [(now, *fence(c)) for _, op in releases for c in op.claims]
-                if rows:
-                    await tx.execute_many(self._sql(RELEASE), rows)
-                for chunk in chunks([job_id for _, op in releases for job_id in op.unclaimed]):
-                    await tx.execute(self._sql(END_GRACE, ids=marks(len(chunk))), (now, *chunk))
-                results.update((i, None) for i, _ in releases)
-        return [results[i] for i in range(len(ops))]
+    async def _apply_inserts(
+        self, tx: Transaction, ops: Sequence[NewJob], now: float
+    ) -> list[Claim]:
+        claiming = self._can_claim()
+        claims = [Claim(op.job_id, self._owner, int(op.claimed and claiming)) for op in ops]
+        stamp = iso_utc(now)
+        grace = now + self._policy.claim_grace_seconds
+        until = now + self._policy.lease_seconds
+        await tx.execute_many(
+            self._sql(INSERT_JOB), [(op.job_id, stamp, stamp, op.input_json) for op in ops]
+        )
+        leases = [
+            (
+                op.job_id,
+                self._owner,
+                claim.attempt,
+                grace if claim.is_reservation else until,
+                len(op.input_json),
+            )
+            for op, claim in zip(ops, claims, strict=True)
+        ]
+        await tx.execute_many(self._sql(INSERT_LEASE), leases)
+        return claims
+
+    def _took(self, ops: Sequence[object], claims: Sequence[Claim]) -> None:
+        self._held.add(claims)
+
+    # Renewals.
+
+    async def renew(self) -> set[Claim]:
+        """Extend the lease of every claim held; return those found lost."""
+        return await self._renewals.submit(Renewal)
 
     async def _apply_renewals(
-        self, tx: Transaction, renewals: list[tuple[int, _Renew]], now: float
-    ) -> dict[int, set[str]]:
-        """Extend the leases still held by these claims; say which, per request."""
-        until = now + self._policy.lease_seconds
-        claims = [claim for _, op in renewals for claim in op.claims]
-        held: set[str] = set()
-        for chunk in chunks(claims):
-            fences = [value for claim in chunk for value in fence(claim)]
-            sql = self._sql(RENEW, rows=marks(len(chunk), width=3))
-            held.update(job_id for (job_id,) in await tx.fetch(sql, (until, *fences)))
-        return {i: {c.job_id for c in op.claims if c.job_id in held} for i, op in renewals}
+        self, tx: Transaction, ops: Sequence[None], now: float
+    ) -> list[set[Claim]]:
+        lost = await self._renew_held(tx, now)
+        return [lost] * len(ops)
 
-    async def _apply_claims(
-        self, tx: Transaction, claims: list[tuple[int, _Claim]], now: float
-    ) -> dict[int, Claim | None]:
-        results: dict[int, Claim | None] = {}
+    async def _renew_held(self, tx: Transaction, now: float) -> set[Claim]:
+        """Renew every claim held now; return those whose lease rows no longer name them.
+
+        A lease that ran out while this process was paused is renewed all the same, as long as
+        nobody took it meanwhile: a pause is not an interruption.
+        """
+        held = self._held.running()
+        renewed: set[Claim] = set()
         until = now + self._policy.lease_seconds
-        for owner in {op.owner for _, op in claims}:
-            wanted = [(i, op.job_id) for i, op in claims if op.owner == owner]
-            attempts: dict[str, int] = {}
-            ids = list(dict.fromkeys(job_id for _, job_id in wanted))
-            for chunk in chunks(ids):
-                sql = self._sql(CLAIM, ids=marks(len(chunk)))
-                params = (owner, until, *chunk, self._policy.max_attempts, now)
-                rows = await tx.fetch(sql, params)
-                attempts.update((job_id, attempt) for job_id, attempt in rows)
-            for i, job_id in wanted:
-                # The same job asked for twice in one batch is claimed once, by the first.
-                attempt = attempts.pop(job_id, None)
-                results[i] = Claim(job_id, owner, attempt) if attempt is not None else None
-        return results
+        for chunk in chunks(held):
+            sql = self._sql(RENEW, rows=marks(len(chunk), width=3))
+            rows = await tx.fetch(sql, (until, *fences(chunk)))
+            renewed.update(Claim(job_id, owner, attempt) for job_id, owner, attempt in rows)
+        return set(held) - renewed
+
+    def _lost(self, ops: Sequence[None], lost: Sequence[set[Claim]]) -> None:
+        for claims in lost:
+            self._held.discard(claims)
+
+    # Finishes.
+
+    async def finish(self, claim: Claim, *, output_json: str | None, error: str | None) -> bool:
+        """Record the outcome, fenced by the whole claim; the claim is not held afterwards."""
+        return await self._finishes.submit(Finish(claim, output_json, error))
 
     async def _apply_finishes(
-        self, tx: Transaction, finishes: list[tuple[int, _Finish]], now: float
-    ) -> dict[int, bool]:
-        """End the leases still held by these claims, then record those jobs' outcomes."""
-        landed: set[str] = set()
-        for chunk in chunks(finishes):
-            fences = [value for _, op in chunk for value in fence(op.claim)]
+        self, tx: Transaction, ops: Sequence[Finish], now: float
+    ) -> list[bool]:
+        """End the leases still held by these claims, then record those claims' outcomes."""
+        current: set[Claim] = set()
+        for chunk in chunks(list(dict.fromkeys(op.claim for op in ops))):
             sql = self._sql(END_LEASES, rows=marks(len(chunk), width=3))
-            landed.update(job_id for (job_id,) in await tx.fetch(sql, fences))
+            rows = await tx.fetch(sql, fences(chunk))
+            current.update(Claim(job_id, owner, attempt) for job_id, owner, attempt in rows)
         stamp = iso_utc(now)
-        outcomes = [
-            (outcome_status(op.error).value, op.output_json, op.error, stamp, op.claim.job_id)
-            for _, op in finishes
-            if op.claim.job_id in landed
-        ]
+        landed: list[bool] = []
+        outcomes = []
+        for op in ops:
+            landed.append(op.claim in current)
+            if op.claim in current:
+                current.discard(op.claim)  # the same claim finished twice: the first wins
+                status = outcome_status(op.error).value
+                outcomes.append((status, op.output_json, op.error, stamp, op.claim.job_id))
         if outcomes:
             await tx.execute_many(self._sql(RECORD_OUTCOME), outcomes)
-        return {i: op.claim.job_id in landed for i, op in finishes}
+        return landed
+
+    def _ended(self, ops: Sequence[Finish], landed: Sequence[bool]) -> None:
+        self._held.discard(op.claim for op in ops)
+
+    # Claims by id.
+
+    async def claim(self, job_id: str) -> Claim | None:
+        """Claim the job: this owner's reservation of it, or a free or stale lease."""
+        return await self._claims.submit(job_id)
+
+    async def _apply_claims(
+        self, tx: Transaction, job_ids: Sequence[str], now: float
+    ) -> list[Claim | None]:
+        if not self._can_claim():
+            return [None] * len(job_ids)
+        until = now + self._policy.lease_seconds
+        attempts: dict[str, int] = {}
+        for chunk in chunks(list(dict.fromkeys(job_ids))):
+            sql = self._sql(CLAIM, ids=marks(len(chunk)))
+            params = (self._owner, until, *chunk, self._policy.max_attempts, now, self._owner)
+            attempts.update((job_id, attempt) for job_id, attempt in await tx.fetch(sql, params))
+        claims: list[Claim | None] = []
+        for job_id in job_ids:
+            # The same job asked for twice in one batch is claimed once, by the first.
+            attempt = attempts.pop(job_id, None)
+            claims.append(None if attempt is None else Claim(job_id, self._owner, attempt))
+        return claims
+
+    def _converted(self, job_ids: Sequence[str], claims: Sequence[Claim | None]) -> None:
+        # Claimed or not, this owner's reservation of the job is gone from the database.
+        self._held.discard(Claim(job_id, self._owner, 0) for job_id in job_ids)
+        self._held.add(claim for claim in claims if claim is not None)
+
+    # Releases.
+
+    async def release(self, claims: Iterable[Claim]) -> None:
+        """Drop these leases and reservations now: the next sweep of any process takes them."""
+        claims = tuple(claims)
+        if claims:
+            await self._releases.submit(claims)
+
+    async def _apply_releases(
+        self, tx: Transaction, ops: Sequence[tuple[Claim, ...]], now: float
+    ) -> list[None]:
+        claims = list(dict.fromkeys(claim for op in ops for claim in op))
+        for chunk in chunks(claims):
+            await tx.execute(
+                self._sql(RELEASE, rows=marks(len(chunk), width=3)), (now, *fences(chunk))
+            )
+        await self._db.announce_release(tx)
+        return [None] * len(ops)
+
+    def _released(self, ops: Sequence[tuple[Claim, ...]], results: Sequence[None]) -> None:
+        for claims in ops:
+            self._held.discard(claims)
+
+    # Sweeps.
+
+    async def sweep(self, *, slots: int, lanes: int) -> Swept:
+        """Renew what is held, expire dead owners' leases, fail exhausted jobs, claim stale ones."""
+        return await self._sweeps.submit(SweepRequest(slots, lanes))
+
+    async def _apply_sweeps(
+        self, tx: Transaction, ops: Sequence[SweepRequest], now: float
+    ) -> list[Swept]:
+        lost = await self._renew_held(tx, now)
+        await self._expire_dead_owners(tx, now)
+        failed = await self._fail_exhausted(tx, now)
+        results = []
+        for op in ops:
+            swept = Swept(lost=lost, failed=failed)
+            if self._can_claim():
+                lanes = min(op.lanes, op.slots)
+                swept.large.extend(await self._claim_stale(tx, now, lanes, large=True))
+                slots = op.slots - len(swept.large)
+                swept.small.extend(await self._claim_stale(tx, now, slots, large=False))
+            results.append(swept)
+        return results
+
+    async def _expire_dead_owners(self, tx: Transaction, now: float) -> None:
+        rows = await tx.fetch(self._sql(LIVE_OWNERS), (self._owner, now))
+        if not rows:
+            return
+        dead = sorted(await self._db.dead_owners(tx, [owner for (owner,) in rows]))
+        for chunk in chunks(dead):
+            sql = self._sql(EXPIRE_OWNERS, owners=marks(len(chunk)))
+            expired = await tx.execute(sql, (EXPIRED, *chunk, now))
+            logger.info(
+                "owners %s are gone (their liveness locks are free): %d jobs they held are "
+                "stale now",
+                ", ".join(chunk),
+                expired,
+            )
+
+    async def _fail_exhausted(self, tx: Transaction, now: float) -> list[str]:
+        params = (now, self._policy.max_attempts)
+        exhausted = [job_id for (job_id,) in await tx.fetch(self._sql(FAIL_EXHAUSTED), params)]
+        if exhausted:
+            stamp = iso_utc(now)
+            failed = JobStatus.FAILED.value
+            rows = [(failed, None, self._exhausted_error, stamp, job_id) for job_id in exhausted]
+            await tx.execute_many(self._sql(RECORD_OUTCOME), rows)
+            for job_id in exhausted:
+                logger.error("job %s failed: %s", job_id, self._exhausted_error)
+        return exhausted
+
+    async def _claim_stale(
+        self, tx: Transaction, now: float, limit: int, *, large: bool
+    ) -> list[Claim]:
+        if limit <= 0:
+            return []
+        threshold = self._policy.large_input_length
+        low, high = (threshold, NO_LIMIT) if large else (0, threshold)
+        until = now + self._policy.lease_seconds
+        params = (self._owner, until, now, self._policy.max_attempts, low, high, limit)
+        rows = await tx.fetch(self._sql(CLAIM_STALE), params)
+        return [Claim(job_id, self._owner, attempt) for job_id, attempt in rows]
+
+    def _swept(self, ops: Sequence[SweepRequest], results: Sequence[Swept]) -> None:
+        for swept in results:
+            claimed = [*swept.large, *swept.small]
+            self._held.discard(swept.lost)
+            # A reservation of this process's own, past its grace time, may be among them.
+            self._held.discard(Claim(claim.job_id, self._owner, 0) for claim in claimed)
+            self._held.add(claimed)
+
+    # Reads.
 
     async def get_job(self, job_id: str, *, with_output: bool = False) -> JobRecord | None:
         """Return the job, with its output only if asked (it can be megabytes)."""
         if not with_output:
             return await self._status_reads.submit(job_id)
-        rows = await self._fetch(self._sql(RESULT), (job_id,))
+        rows = await self._db.fetch(self._sql(RESULT), (job_id,))
         if not rows:
             return None
         status, created_at, updated_at, output_data, error = rows[0]
@@ -371,9 +562,8 @@ class SQLJobStore(ABC):
     async def _read_statuses(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
         """One query for every status asked for at the same moment."""
         found: dict[str, JobRecord] = {}
-        unique = list(dict.fromkeys(job_ids))
-        for chunk in chunks(unique):
-            rows = await self._fetch(self._sql(STATUSES, ids=marks(len(chunk))), chunk)
+        for chunk in chunks(list(dict.fromkeys(job_ids))):
+            rows = await self._db.fetch(self._sql(STATUSES, ids=marks(len(chunk))), chunk)
             for job_id, status, created_at, updated_at, error in rows:
                 found[job_id] = JobRecord(
                     job_id, JobStatus(status), created_at, updated_at, None, error
@@ -382,45 +572,5 @@ class SQLJobStore(ABC):
 
     async def load_input(self, job_id: str) -> str | None:
         """Return the job's input JSON."""
-        rows = await self._fetch(self._sql(INPUT), (job_id,))
+        rows = await self._db.fetch(self._sql(INPUT), (job_id,))
         return str(rows[0][0]) if rows else None
-
-    async def claim_stale(self, owner: str, limit: int) -> list[Claim]:
-        """Fail stale jobs that used up their attempts, then claim up to ``limit`` others."""
-        now = self._clock()
-        max_attempts = self._policy.max_attempts
-        async with self._transaction() as tx:
-            exhausted = await tx.fetch(self._sql(FAIL_EXHAUSTED), (now, max_attempts))
-            if exhausted:
-                stamp = iso_utc(now)
-                failed = [
-                    (JobStatus.FAILED.value, None, self._exhausted_error, stamp, job_id)
-                    for (job_id,) in exhausted
-                ]
-                await tx.execute_many(self._sql(RECORD_OUTCOME), failed)
-                for (job_id,) in exhausted:
-                    logger.error("job %s failed: %s", job_id, self._exhausted_error)
-            if limit <= 0:
-                return []
-            until = now + self._policy.lease_seconds
-            params = (owner, until, now, max_attempts, limit)
-            rows = await tx.fetch(self._sql(CLAIM_STALE), params)
-        return [Claim(job_id, owner, attempt) for job_id, attempt in rows]
-
-    async def renew(self, claims: Iterable[Claim]) -> set[str]:
-        """Extend the leases of claims still current; return their job ids."""
-        claims = tuple(claims)
-        if not claims:
-            return set()
-        held: set[str] = await self._writes.submit(_Renew(claims))
-        return held
-
-    @abstractmethod
-    def on_jobs_released(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` when another process releases jobs, if the backend can tell."""
-
-    async def release(self, claims: Iterable[Claim], unclaimed: Iterable[str] = ()) -> None:
-        """Drop these leases (and unclaimed jobs' grace) now: the next sweep takes the jobs."""
-        op = _Release(tuple(claims), tuple(unclaimed))
-        if op.claims or op.unclaimed:
-            await self._writes.submit(op)

@@ -1,7 +1,8 @@
 """The embedded SQLite backend (aiosqlite): one writer connection, one reader, WAL.
 
-The job and lease logic is ``app.store.sql``'s; this module connects, migrates, checkpoints
-and turns SQLite's errors into the store's.
+The job and lease logic is ``app.store.sql``'s; this module connects, migrates, checkpoints,
+holds the owner's liveness lock (``app.store.owner_files``) and turns SQLite's errors into the
+store's.
 """
 
 import asyncio
@@ -15,14 +16,9 @@ from typing import Any
 
 import aiosqlite
 
-from app.store import (
-    Clock,
-    LeasePolicy,
-    StoreCorruptError,
-    StoreError,
-    StoreUnavailableError,
-)
-from app.store.sql import Dialect, Row, SQLJobStore, upgrade_schema
+from app.store import StoreCorruptError, StoreError, StoreUnavailableError
+from app.store.owner_files import OwnerFileLocks
+from app.store.sql import Dialect, Row, Transaction, upgrade_schema
 
 # Checkpoints run at most this often: each ends with a sync of the database file.
 CHECKPOINT_PAUSE_SECONDS = 0.05
@@ -76,6 +72,14 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE jobs_v2 RENAME TO jobs;
     CREATE INDEX job_leases_by_lease ON job_leases (lease_until)
     """,
+    # 3: the input's length beside its lease, so a sweep claims no more large jobs than it
+    # has lanes for them (and the rest are left to other processes).
+    """
+    ALTER TABLE job_leases ADD COLUMN input_length INTEGER NOT NULL DEFAULT 0;
+    UPDATE job_leases SET input_length = (
+        SELECT length(input_data) FROM jobs WHERE jobs.job_id = job_leases.job_id
+    )
+    """,
 )
 
 
@@ -96,10 +100,17 @@ def _translate(error: sqlite3.Error, path: Path) -> StoreError:
     ):
         return StoreCorruptError(f"{path} is not a usable SQLite database: {message}")
     if isinstance(error, sqlite3.OperationalError):
+        reason = _reason(message)
         return StoreUnavailableError(
-            f"SQLite database {path} is unavailable: {message}", _reason(message)
+            f"SQLite database {path} is unavailable: {message}",
+            reason,
+            # A full disk refuses a large write while a small one may still fit.
+            every_write=reason != DISK_FULL,
         )
     return StoreError(f"SQLite error on {path}: {message}")
+
+
+DISK_FULL = "the database disk is full"
 
 
 def _reason(message: str) -> str:
@@ -109,7 +120,7 @@ def _reason(message: str) -> str:
     if "readonly" in message or "read-only" in message:
         return "the database is read-only"
     if "full" in message:
-        return "the database disk is full"
+        return DISK_FULL
     return "the database is not answering"
 
 
@@ -130,21 +141,17 @@ class _SQLiteTransaction:
         await self._db.executemany(sql, rows)
 
 
-class SQLiteJobStore(SQLJobStore):
+class SQLiteDatabase:
     """Jobs in one SQLite file; all writes go through one connection, one at a time."""
 
+    # One writer at a time, so no row locks: the claim subqueries lock nothing.
+    dialect = Dialect(placeholder="?", lock="")
+
     def __init__(
-        self,
-        path: Path,
-        policy: LeasePolicy,
-        *,
-        synchronous: str = "FULL",
-        busy_timeout_ms: int = 5_000,
-        clock: Clock,
+        self, path: Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 5_000
     ) -> None:
-        # One writer at a time, so no row locks: the claim subqueries lock nothing.
-        super().__init__(policy, clock, Dialect(placeholder="?", lock=""))
         self.path = path
+        self._owners = OwnerFileLocks(path.with_name(path.name + "-owners"))
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout_ms / 1000
         self._writer: aiosqlite.Connection | None = None
@@ -156,8 +163,18 @@ class SQLiteJobStore(SQLJobStore):
         # statement could land inside (and be committed or rolled back with) ours.
         self._write_lock = asyncio.Lock()
 
-    async def open(self) -> None:
-        """Connect, switch to WAL, create or upgrade the schema."""
+    @property
+    def name(self) -> str:
+        """The file's path."""
+        return str(self.path)
+
+    @property
+    def holds_owner_lock(self) -> bool:
+        """Always, once open: a file lock is held until the process lets go or dies."""
+        return True
+
+    async def open(self, owner: str) -> None:
+        """Connect, switch to WAL, create or upgrade the schema, lock the owner's file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer = await self._connect()
@@ -171,6 +188,7 @@ class SQLiteJobStore(SQLJobStore):
             await self._reader.execute("PRAGMA query_only = ON")
             self._checkpointer = await self._connect()
             self._checkpoints = asyncio.create_task(self._checkpoint_after_writes())
+            self._owners.hold(owner)
         except BaseException as error:
             await self.close()
             if isinstance(error, sqlite3.Error):
@@ -218,8 +236,8 @@ class SQLiteJobStore(SQLJobStore):
             await asyncio.sleep(CHECKPOINT_PAUSE_SECONDS)
 
     async def close(self) -> None:
-        """Apply what is queued, then close the connections; safe to call twice."""
-        await self._flush()
+        """Let go of the owner's lock, then close the connections; safe to call twice."""
+        self._owners.let_go()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -230,11 +248,18 @@ class SQLiteJobStore(SQLJobStore):
                 await db.close()
         self._checkpointer = self._reader = self._writer = None
 
+    async def dead_owners(self, tx: Transaction, owners: Sequence[str]) -> set[str]:
+        """The owners whose lock files nobody holds."""
+        return {owner for owner in owners if not self._owners.is_alive(owner)}
+
+    async def announce_release(self, tx: Transaction) -> None:
+        """Nobody to tell: the other processes on a file (if any) sweep at their interval."""
+
     def on_jobs_released(self, wake: Callable[[], None]) -> None:
-        """SQLite cannot tell: released jobs wait for the next sweep (one process per file)."""
+        """SQLite cannot tell: released jobs wait for the next sweep."""
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[_SQLiteTransaction]:
+    async def transaction(self) -> AsyncIterator[Transaction]:
         """One write transaction at a time; commit on success, roll back on error."""
         if self._writer is None:
             raise StoreUnavailableError("the store is closed", "the service is stopping")
@@ -257,7 +282,8 @@ class SQLiteJobStore(SQLJobStore):
         except sqlite3.Error:
             logger.exception("rollback on %s failed", self.path)
 
-    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        """Run one read on the reader connection."""
         if self._reader is None:
             raise StoreUnavailableError("the store is closed", "the service is stopping")
         try:
