@@ -1,0 +1,70 @@
+"""Settings that could not keep the guarantees are refused at startup, saying why."""
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings
+from app.main import EXIT_CONFIG
+from tests.support import ROOT, free_port
+
+
+def test_the_defaults_renew_three_times_a_lease_and_sweep_every_two_seconds() -> None:
+    settings = Settings()
+    assert settings.job_lease_seconds == 30
+    assert settings.heartbeat_interval == 10
+    assert settings.sweep_interval == 2
+    assert settings.job_timeout_seconds == 600
+
+
+def test_a_short_lease_sweeps_twice_per_lease() -> None:
+    assert Settings(job_lease_seconds=2).sweep_interval == 1
+
+
+def test_a_heartbeat_that_would_renew_less_than_twice_per_lease_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"HEARTBEAT_INTERVAL_SECONDS \(5\) must be below"):
+        Settings(job_lease_seconds=10, heartbeat_interval_seconds=5)
+    assert Settings(job_lease_seconds=10, heartbeat_interval_seconds=4.9).heartbeat_interval == 4.9
+
+
+def test_a_sweep_interval_longer_than_the_lease_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"SWEEP_INTERVAL_SECONDS \(31\) must be at most"):
+        Settings(sweep_interval_seconds=31)
+
+
+@pytest.mark.parametrize("name", ["debug", "INFO", "Warning"])
+def test_known_log_levels_are_accepted_in_any_case(name: str) -> None:
+    assert Settings(log_level=name).log_level == name.upper()
+
+
+def test_an_unknown_log_level_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ValidationError, match="LOG_LEVEL 'LOUD' is not one of DEBUG, INFO"):
+        Settings(log_level="LOUD")
+
+
+def refused_start(**settings: str) -> list[str]:
+    """Start a real server with these settings; return its "invalid settings" lines."""
+    env = {"PATH": "/usr/bin:/bin", **settings}
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(free_port())]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=60)
+    log = run.stderr.decode()
+    assert run.returncode == EXIT_CONFIG, log
+    assert "Traceback" not in log
+    return [line for line in log.splitlines() if line.startswith("invalid settings:")]
+
+
+def test_a_server_with_invalid_settings_exits_78_with_one_line_per_setting() -> None:
+    assert refused_start(JOB_TIMEOUT_SECONDS="0", LOG_LEVEL="loud") == [
+        "invalid settings: JOB_TIMEOUT_SECONDS: Input should be greater than 0",
+        "invalid settings: LOG_LEVEL 'loud' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    ]
+
+
+def test_a_server_with_timings_that_do_not_fit_together_exits_78_saying_why() -> None:
+    [line] = refused_start(JOB_LEASE_SECONDS="4", HEARTBEAT_INTERVAL_SECONDS="3")
+    assert line.startswith(
+        "invalid settings: HEARTBEAT_INTERVAL_SECONDS (3) must be below half of "
+        "JOB_LEASE_SECONDS (4)"
+    )
