@@ -497,3 +497,15 @@ async def test_sqlite_lock_files_of_dead_processes_are_cleared_and_the_live_one_
     (owners / "crashed%3A1.lock").write_text("")  # a process killed before it could clean up
     async with opened_store(settings, clock, "second"):
         assert [path.name for path in owners.iterdir()] == ["second.lock"]
+
+
+async def test_a_claim_refused_while_draining_keeps_the_reservation_to_hand_back(
+    store: JobStore, other: JobStore, clock: FakeClock
+) -> None:
+    reservation = await store.create_job(JOB, "[{}]", claimed=False)
+    store.stop_claiming()
+    assert await store.claim(JOB) is None
+    assert list(store.held) == [reservation]
+    await store.release(store.held)
+    clock.advance(0.001)  # well within the grace time: the hand-back lets another take it now
+    assert (await other.sweep(slots=1, lanes=0)).small == [Claim(JOB, "other", 1)]

@@ -246,6 +246,14 @@ class Finish:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimAnswer:
+    """A claim by id: the claim taken (or None), and whether the database was asked at all."""
+
+    claim: Claim | None
+    tried: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SweepRequest:
     """Claim stale jobs for this many slots, large ones only as many as there are lanes."""
 
@@ -429,30 +437,35 @@ class SQLJobStore:
 
     async def claim(self, job_id: str) -> Claim | None:
         """Claim the job: this owner's reservation of it, or a free or stale lease."""
-        return await self._claims.submit(job_id)
+        return (await self._claims.submit(job_id)).claim
 
     async def _apply_claims(
         self, tx: Transaction, job_ids: Sequence[str], now: float
-    ) -> list[Claim | None]:
+    ) -> list[ClaimAnswer]:
         if not self._can_claim():
-            return [None] * len(job_ids)
+            return [ClaimAnswer(None, tried=False)] * len(job_ids)
         until = now + self._policy.lease_seconds
         attempts: dict[str, int] = {}
         for chunk in chunks(list(dict.fromkeys(job_ids))):
             sql = self._sql(CLAIM, ids=marks(len(chunk)))
             params = (self._owner, until, *chunk, self._policy.max_attempts, now, self._owner)
             attempts.update((job_id, attempt) for job_id, attempt in await tx.fetch(sql, params))
-        claims: list[Claim | None] = []
+        answers = []
         for job_id in job_ids:
             # The same job asked for twice in one batch is claimed once, by the first.
             attempt = attempts.pop(job_id, None)
-            claims.append(None if attempt is None else Claim(job_id, self._owner, attempt))
-        return claims
+            claim = None if attempt is None else Claim(job_id, self._owner, attempt)
+            answers.append(ClaimAnswer(claim, tried=True))
+        return answers
 
-    def _converted(self, job_ids: Sequence[str], claims: Sequence[Claim | None]) -> None:
-        # Claimed or not, this owner's reservation of the job is gone from the database.
-        self._held.discard(Claim(job_id, self._owner, 0) for job_id in job_ids)
-        self._held.add(claim for claim in claims if claim is not None)
+    def _converted(self, job_ids: Sequence[str], answers: Sequence[ClaimAnswer]) -> None:
+        for job_id, answer in zip(job_ids, answers, strict=True):
+            if answer.tried:
+                # Claimed or not, this owner's reservation of the job is gone: a reservation
+                # can always be claimed by its owner, unless another process has taken it.
+                self._held.discard([Claim(job_id, self._owner, 0)])
+            if answer.claim is not None:
+                self._held.add([answer.claim])
 
     # Releases.
 
