@@ -58,10 +58,12 @@ class FlowStop:
         """Whether the flow has been asked to stop (read by the flow's own thread)."""
         return self._stopped
 
-    def _forward(self, hook: Callable[[], None]) -> None:
+    def _forward(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call ``hook`` when asked to stop (now, if already asked); return its remover."""
         self._hooks.append(hook)
         if self._stopped:
             hook()
+        return partial(self._hooks.remove, hook)
 
 
 # In a worker process: one stop flag per flow the parent may run there at once.
@@ -129,15 +131,16 @@ class CpuWorkers:
 
     async def _run_stoppable_in_process(self, input_json: str, stop: FlowStop) -> str:
         flags = self._stop_flags
-        index = self._free_flags.pop() if self._free_flags else -1
-        if flags is not None and index >= 0:
-            flags[index] = 0
-            stop._forward(partial(flags.__setitem__, index, 1))
+        if flags is None or not self._free_flags:  # cannot happen with one flow per lane
+            return await self.run(partial(_flow_in_worker, flag=-1), input_json)
+        index = self._free_flags.pop()
+        flags[index] = 0
+        forget = stop._forward(partial(flags.__setitem__, index, 1))
         try:
             return await self.run(partial(_flow_in_worker, flag=index), input_json)
         finally:
-            if index >= 0:
-                self._free_flags.append(index)
+            forget()  # the flag may go to another flow now: this stop must not reach it
+            self._free_flags.append(index)
 
     def _is_large(self, payload: str | bytes) -> bool:
         return len(payload) >= self._threshold

@@ -1,5 +1,6 @@
 """ExpandReduceFlow: the split/merge contract, and the flow as uniflow runs it."""
 
+import asyncio
 import gc
 import string
 from typing import Any
@@ -245,5 +246,20 @@ async def test_a_large_flow_asked_to_stop_stops_on_its_thread_or_in_its_process(
             await workers.run_flow(big, stop)
         # Not stopped: the same worker runs the next flow to the end.
         assert orjson.loads(await workers.run_flow(items_json([{"a": "1", "b": "2"}]), FlowStop()))
+    finally:
+        workers.close()
+
+
+async def test_stopping_a_finished_worker_process_flow_does_not_stop_the_next_one() -> None:
+    workers = CpuWorkers(processes=1, threshold_bytes=1)
+    workers.start()
+    try:
+        first = FlowStop()
+        assert orjson.loads(await workers.run_flow(items_json([{"a": "1"}]), first))
+        second = items_json([{"a": str(i), "b": "x"} for i in range(50_000)])
+        running = asyncio.create_task(workers.run_flow(second, FlowStop()))
+        await asyncio.sleep(0)  # one step: the second flow has its flag and is on its way
+        first.set()  # e.g. the first run's lease was lost while its outcome was recorded
+        assert len(orjson.loads(await running)) == 50_000
     finally:
         workers.close()
