@@ -121,6 +121,15 @@ async def submit(runner: JobRunner, job_id: str, items: list[dict[str, Any]]) ->
     return accepted
 
 
+async def running_a(store: Any, settings: Settings, workers: GatedWorkers) -> JobRunner:
+    """A runner with job A submitted, claimed and running, held at the gate."""
+    runner = make_runner(store, settings, workers)
+    workers.hold()
+    await submit(runner, A, [{"a": "1"}])
+    await workers.running.wait()
+    return runner
+
+
 async def final(store: JobStore, job_id: str) -> tuple[JobStatus, Any, str | None]:
     """The job's outcome, once it has one."""
 
@@ -252,10 +261,7 @@ async def test_a_sweep_takes_no_more_jobs_than_it_has_turns_free(
 async def test_stop_waits_for_running_jobs_within_its_grace(
     store: JobStore, settings: Settings, workers: GatedWorkers
 ) -> None:
-    runner = make_runner(store, settings, workers)
-    workers.hold()
-    await submit(runner, A, [{"a": "1"}])
-    await workers.running.wait()
+    runner = await running_a(store, settings, workers)
     stopping = asyncio.create_task(runner.stop())
     workers.gate.set()
     await stopping
@@ -338,13 +344,9 @@ async def test_a_pause_past_the_lease_is_not_an_interruption(
     settings: Settings,
     workers: GatedWorkers,
     clock: FakeClock,
-    database: FreshDatabase,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    runner = make_runner(store, settings, workers)
-    workers.hold()
-    await submit(runner, A, [{"a": "1"}])
-    await workers.running.wait()
+    runner = await running_a(store, settings, workers)
     clock.advance(LEASE * 3)  # SIGSTOP; on SIGCONT the sweep happens to run first
     await runner.sweep()
     await runner.heartbeat()
@@ -365,10 +367,7 @@ async def test_a_renewal_and_a_finish_of_one_claim_in_one_batch_warn_of_no_lost_
 ) -> None:
     async with opened_store(settings, clock, "me", database=flaky) as real:
         spy = SpyStore(real)
-        runner = make_runner(spy, settings, workers)
-        workers.hold()
-        await submit(runner, A, [{"a": "1"}])
-        await workers.running.wait()
+        runner = await running_a(spy, settings, workers)
         flaky.commit_gate = asyncio.Event()
         blocker = asyncio.create_task(real.create_job(B, "[{}]", claimed=False))
         await flaky.at_gate.wait()  # the writer is busy: what comes next shares one batch
@@ -392,10 +391,7 @@ async def test_a_lost_lease_stops_the_flow_and_its_outcome_is_discarded(
     database: FreshDatabase,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    runner = make_runner(store, settings, workers)
-    workers.hold()
-    await submit(runner, A, [{"a": "1"}])
-    await workers.running.wait()
+    runner = await running_a(store, settings, workers)
     clock.advance(LEASE + 1)
     [taken] = (await other.sweep(slots=5, lanes=5)).small  # this process was partitioned
     await runner.heartbeat()
@@ -429,7 +425,6 @@ async def test_an_outcome_the_database_refuses_is_retried_until_it_lands(
     settings: Settings,
     workers: GatedWorkers,
     flaky: FaultyDatabase,
-    database: FreshDatabase,
 ) -> None:
     refusals = [StoreUnavailableError("down", "the database is unreachable")] * 2
 
