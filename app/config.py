@@ -63,7 +63,10 @@ class Settings(BaseSettings):
         "in a worker process.",
     )
     job_lease_seconds: float = Field(
-        30.0, gt=0, description="How long a claim on a running job lasts without a heartbeat."
+        30.0,
+        ge=1,
+        description="How long a claim on a running job lasts without a heartbeat (at least "
+        "1 s: shorter, a busy event loop would lose leases it is still renewing).",
     )
     job_claim_grace_seconds: float = Field(
         5.0,

@@ -29,6 +29,11 @@ def test_a_heartbeat_that_would_renew_less_than_twice_per_lease_is_refused() -> 
     assert Settings(job_lease_seconds=10, heartbeat_interval_seconds=4.9).heartbeat_interval == 4.9
 
 
+def test_a_lease_shorter_than_a_second_is_refused() -> None:
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        Settings(job_lease_seconds=0.5)
+
+
 def test_a_sweep_interval_longer_than_the_lease_is_refused() -> None:
     with pytest.raises(ValidationError, match=r"SWEEP_INTERVAL_SECONDS \(31\) must be at most"):
         Settings(sweep_interval_seconds=31)
