@@ -126,10 +126,10 @@ class Settings(BaseSettings):
     def _supported_database_url(cls, url: str) -> str:
         if url.startswith(POSTGRES_SCHEMES) and len(url) > url.index("//") + 2:
             return url
-        if not url.startswith("sqlite:///") or url == "sqlite:///":
+        if not url.startswith("sqlite:///") or url == "sqlite:///" or "?" in url:
             raise ValueError(
                 f"Unsupported DATABASE_URL {redact(url)!r}: expected sqlite:///path/to/jobs.db "
-                "or postgresql://user:password@host:5432/database"
+                "(without ?options) or postgresql://user:password@host:5432/database"
             )
         return url
 

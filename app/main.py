@@ -23,7 +23,7 @@ from app import api
 from app.config import Settings, redact
 from app.runner import JobRunner
 from app.schemas import job_request_schema
-from app.store import StoreCorruptError, StoreUnavailableError, make_store
+from app.store import StoreSetupError, StoreUnavailableError, make_store
 from app.workers import CpuWorkers, return_large_buffers_to_the_system
 
 logger = logging.getLogger("app")
@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = make_store(settings)
         try:
             await store.open()
-        except StoreCorruptError as error:
+        except StoreSetupError as error:
             # Starlette would turn this into a traceback in uvicorn's log; an operator needs
             # one line naming the file, and a process that does not come up.
             logger.critical("refusing to start: %s", error)

@@ -73,3 +73,8 @@ def test_a_server_with_timings_that_do_not_fit_together_exits_78_saying_why() ->
         "invalid settings: HEARTBEAT_INTERVAL_SECONDS (3) must be below half of "
         "JOB_LEASE_SECONDS (4)"
     )
+
+
+def test_a_sqlite_url_with_options_is_refused_when_settings_are_read() -> None:
+    with pytest.raises(ValidationError, match=r"without \?options"):
+        Settings(database_url="sqlite:///jobs.db?mode=ro")

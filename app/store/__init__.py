@@ -66,8 +66,12 @@ class StoreConflictError(StoreUnavailableError):
     """The database rolled a transaction back to break a deadlock; running it again helps."""
 
 
-class StoreCorruptError(StoreError):
-    """The database file is not a usable database; the service must not start on it."""
+class StoreSetupError(StoreError):
+    """The database cannot be used as configured; the service must not start on it."""
+
+
+class StoreCorruptError(StoreSetupError):
+    """The database file is not a usable database (or has a schema newer than this service)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +141,9 @@ class ClaimRegistry:
 
 
 INTERRUPTED_TOO_OFTEN = (
-    "interrupted too often: the job was started {attempts} times and never finished "
-    "(the process running it stopped or lost its lease each time)"
+    "interrupted too often: the job was started {attempts} times and no run recorded an "
+    "outcome (each time, the process running it stopped, lost its lease, or could not write "
+    "to the database)"
 )
 
 
@@ -154,7 +159,11 @@ class JobStore(Protocol):
         """The claims and reservations this process holds (read it, do not change it)."""
 
     async def open(self) -> None:
-        """Connect, check the database, create or upgrade the schema, take the liveness lock."""
+        """Connect, check the database, create or upgrade the schema, take the liveness lock.
+
+        Raises StoreSetupError if the database cannot be used as configured, and
+        StoreUnavailableError if it cannot be reached.
+        """
 
     async def close(self) -> None:
         """Finish pending writes, let go of the liveness lock and disconnect."""
