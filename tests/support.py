@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.flow import expand_reduce
 from app.main import create_app
-from app.store import JobStore, StoreError, make_database, make_store
+from app.store import JobStore, make_database, make_store
 from app.store.sql import Database, Row, Transaction
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +203,7 @@ async def opened_store(
         await store.close()
 
 
-Fault = Callable[[str, Sequence[Any]], StoreError | None]
+Fault = Callable[[str, Sequence[Any]], Exception | None]
 
 
 @dataclass
@@ -250,6 +250,9 @@ class FaultyDatabase:
 
     async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
         return await self.real.fetch(sql, params)
+
+    def tend_owner_locks(self, holding_leases: Collection[str]) -> None:
+        self.real.tend_owner_locks(holding_leases)
 
     async def dead_owners(self, tx: Transaction, owners: Sequence[str]) -> set[str]:
         return await self.real.dead_owners(tx, owners)

@@ -22,6 +22,7 @@ from app.store import (
     JobStore,
     StoreConflictError,
     StoreCorruptError,
+    StoreSetupError,
     StoreUnavailableError,
     make_store,
 )
@@ -491,11 +492,17 @@ async def test_sqlite_lock_files_of_dead_processes_are_cleared_and_the_live_one_
 ) -> None:
     settings = Settings(database_url=f"sqlite:///{db_path}")
     owners = db_path.with_name(db_path.name + "-owners")
-    async with opened_store(settings, clock, "first"):
-        pass  # closed cleanly: its file is gone
-    assert list(owners.iterdir()) == []
-    (owners / "crashed%3A1.lock").write_text("")  # a process killed before it could clean up
-    async with opened_store(settings, clock, "second"):
+    async with opened_store(settings, clock, "first") as first:
+        await first.create_job(JOB, "[{}]", claimed=True)
+    # Its file stays, unlocked: "first" is gone, and it holds a lease. So is a process killed
+    # long ago, holding nothing.
+    (owners / "crashed%3A1.lock").write_text("")
+    async with opened_store(settings, clock, "second") as second:
+        names = sorted(path.name for path in owners.iterdir())
+        assert names == ["crashed%3A1.lock", "first.lock", "second.lock"]
+        await second.sweep(slots=0, lanes=0)  # "first"'s lease is expired; nothing is proved
+        assert sorted(path.name for path in owners.iterdir()) == ["first.lock", "second.lock"]
+        await second.sweep(slots=0, lanes=0)
         assert [path.name for path in owners.iterdir()] == ["second.lock"]
 
 
@@ -509,3 +516,86 @@ async def test_a_claim_refused_while_draining_keeps_the_reservation_to_hand_back
     await store.release(store.held)
     clock.advance(0.001)  # well within the grace time: the hand-back lets another take it now
     assert (await other.sweep(slots=1, lanes=0)).small == [Claim(JOB, "other", 1)]
+
+
+async def test_a_write_that_trips_a_bug_fails_alone(settings: Settings, clock: FakeClock) -> None:
+    flaky = faulty(settings)
+
+    def bug_in_one_insert(sql: str, params: Any) -> Exception | None:
+        return ZeroDivisionError("oops") if "INSERT INTO jobs" in sql and "bug" in params else None
+
+    async with opened_store(settings, clock, "me", database=flaky) as store:
+        flaky.fault = bug_in_one_insert
+        buggy, fine = await asyncio.gather(
+            store.create_job("bug", "[{}]", claimed=False),
+            store.create_job("fine", "[{}]", claimed=False),
+            return_exceptions=True,
+        )
+    assert isinstance(buggy, ZeroDivisionError)
+    assert fine == Claim("fine", "me", 0)
+
+
+# SQLite's liveness lock files.
+
+
+def sqlite_settings(db_path: Path) -> Settings:
+    return Settings(database_url=f"sqlite:///{db_path}", job_lease_seconds=LEASE)
+
+
+async def test_a_missing_lock_file_proves_nothing_and_its_owner_makes_it_again(
+    db_path: Path, clock: FakeClock
+) -> None:
+    settings = sqlite_settings(db_path)
+    owners = db_path.with_name(db_path.name + "-owners")
+    async with opened_store(settings, clock, "a") as a, opened_store(settings, clock, "b") as b:
+        await a.create_job(JOB, "[{}]", claimed=True)
+        for path in owners.iterdir():  # an operator "cleans up"
+            path.unlink()
+        assert (await b.sweep(slots=5, lanes=0)).small == []  # "a" is not taken for dead
+        await a.sweep(slots=0, lanes=0)  # each process's next sweep makes its file again
+        assert sorted(path.name for path in owners.iterdir()) == ["a.lock", "b.lock"]
+    async with opened_store(settings, clock, "c") as c:  # "a" and "b" are gone now
+        assert [claim.job_id for claim in (await c.sweep(slots=5, lanes=0)).small] == [JOB]
+
+
+async def test_processes_reaching_one_file_through_a_link_share_its_lock_files(
+    db_path: Path, tmp_path: Path, clock: FakeClock
+) -> None:
+    link = tmp_path / "elsewhere" / "jobs.db"
+    link.parent.mkdir()
+    async with opened_store(sqlite_settings(db_path), clock, "direct") as direct:
+        await direct.create_job(JOB, "[{}]", claimed=True)
+        async with opened_store(sqlite_settings(db_path), clock, "linked") as linked:
+            link.symlink_to(db_path)
+            async with opened_store(sqlite_settings(link), clock, "via-link") as via_link:
+                assert (await via_link.sweep(slots=5, lanes=0)).small == []
+                assert linked.owner != via_link.owner
+
+
+async def test_a_lock_file_that_cannot_be_checked_spares_its_owner_and_the_sweep(
+    db_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = sqlite_settings(db_path)
+    owners = db_path.with_name(db_path.name + "-owners")
+    async with opened_store(settings, clock, "me") as store:
+        async with opened_store(settings, clock, "odd") as odd:
+            await odd.create_job(JOB, "[{}]", claimed=True)
+        (owners / "odd.lock").unlink()
+        (owners / "odd.lock").mkdir()  # cannot be opened as a file, even by root
+        swept, inserted = await asyncio.gather(
+            store.sweep(slots=5, lanes=0), store.create_job(OTHER, "[{}]", claimed=False)
+        )
+        assert swept.small == []  # not known dead: its lease decides
+        assert inserted == Claim(OTHER, "me", 0)
+        assert "cannot check whether odd is alive" in caplog.text
+        clock.advance(LEASE + 1)
+        assert JOB in [claim.job_id for claim in (await store.sweep(slots=5, lanes=0)).small]
+
+
+async def test_an_owners_folder_that_is_a_file_stops_the_store_from_opening(
+    db_path: Path, clock: FakeClock
+) -> None:
+    db_path.with_name(db_path.name + "-owners").write_text("not a folder")
+    store = make_store(sqlite_settings(db_path), clock, owner="me")
+    with pytest.raises(StoreSetupError, match="cannot keep this process's liveness lock in"):
+        await store.open()

@@ -20,7 +20,7 @@ means the same on every backend and tests can move the clock.
 """
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -172,8 +172,18 @@ class Database(Protocol):
     async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
         """Run one read-only statement outside any write transaction."""
 
+    def tend_owner_locks(self, holding_leases: Collection[str]) -> None:
+        """Keep this process's liveness lock where others look for it; tidy up after the gone.
+
+        What gone owners left behind may be cleared away unless they hold a live lease
+        (``holding_leases`` names the owners that do): it is the proof they are gone.
+        """
+
     async def dead_owners(self, tx: Transaction, owners: Sequence[str]) -> set[str]:
-        """Those of ``owners`` whose liveness lock nobody holds: their processes are gone."""
+        """Those of ``owners`` whose liveness lock is known to be free: they are gone.
+
+        An owner whose lock cannot be checked is not among them: its leases run their course.
+        """
 
     async def announce_release(self, tx: Transaction) -> None:
         """Tell other processes, once ``tx`` commits, that jobs were released."""
@@ -514,10 +524,11 @@ class SQLJobStore:
         return results
 
     async def _expire_dead_owners(self, tx: Transaction, now: float) -> None:
-        rows = await tx.fetch(self._sql(LIVE_OWNERS), (self._owner, now))
-        if not rows:
+        owners = [owner for (owner,) in await tx.fetch(self._sql(LIVE_OWNERS), (self._owner, now))]
+        self._db.tend_owner_locks(owners)
+        if not owners:
             return
-        dead = sorted(await self._db.dead_owners(tx, [owner for (owner,) in rows]))
+        dead = sorted(await self._db.dead_owners(tx, owners))
         for chunk in chunks(dead):
             sql = self._sql(EXPIRE_OWNERS, owners=marks(len(chunk)))
             expired = await tx.execute(sql, (EXPIRED, *chunk, now))

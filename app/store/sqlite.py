@@ -9,15 +9,15 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from app.store import StoreCorruptError, StoreError, StoreUnavailableError
-from app.store.owner_files import OwnerFileLocks
+from app.store import StoreCorruptError, StoreError, StoreSetupError, StoreUnavailableError
+from app.store.owner_files import OwnerFileLocks, owners_directory
 from app.store.sql import Dialect, Row, Transaction, upgrade_schema
 
 # Checkpoints run at most this often: each ends with a sync of the database file.
@@ -151,7 +151,7 @@ class SQLiteDatabase:
         self, path: Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 5_000
     ) -> None:
         self.path = path
-        self._owners = OwnerFileLocks(path.with_name(path.name + "-owners"))
+        self._owners: OwnerFileLocks | None = None
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout_ms / 1000
         self._writer: aiosqlite.Connection | None = None
@@ -188,12 +188,23 @@ class SQLiteDatabase:
             await self._reader.execute("PRAGMA query_only = ON")
             self._checkpointer = await self._connect()
             self._checkpoints = asyncio.create_task(self._checkpoint_after_writes())
-            self._owners.hold(owner)
+            self._hold_owner_lock(owner)
         except BaseException as error:
             await self.close()
             if isinstance(error, sqlite3.Error):
                 raise _translate(error, self.path) from error
             raise
+
+    def _hold_owner_lock(self, owner: str) -> None:
+        directory = owners_directory(self.path)
+        owners = OwnerFileLocks(directory)
+        try:
+            owners.hold(owner)
+        except OSError as error:
+            raise StoreSetupError(
+                f"cannot keep this process's liveness lock in {directory}: {error}"
+            ) from error
+        self._owners = owners
 
     async def _connect(self) -> aiosqlite.Connection:
         # isolation_level IMMEDIATE: the module opens every write transaction with BEGIN
@@ -237,7 +248,9 @@ class SQLiteDatabase:
 
     async def close(self) -> None:
         """Let go of the owner's lock, then close the connections; safe to call twice."""
-        self._owners.let_go()
+        if self._owners is not None:
+            self._owners.let_go()
+            self._owners = None
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -248,9 +261,21 @@ class SQLiteDatabase:
                 await db.close()
         self._checkpointer = self._reader = self._writer = None
 
+    def tend_owner_locks(self, holding_leases: Collection[str]) -> None:
+        """Make this process's lock file again if it was removed; remove gone owners' files."""
+        if self._owners is None:
+            return
+        try:
+            self._owners.keep_held()
+            self._owners.remove_gone(holding_leases)
+        except OSError as error:
+            logger.warning("cannot tend the lock files in %s: %s", self._owners.directory, error)
+
     async def dead_owners(self, tx: Transaction, owners: Sequence[str]) -> set[str]:
-        """The owners whose lock files nobody holds."""
-        return {owner for owner in owners if not self._owners.is_alive(owner)}
+        """The owners whose lock files exist and nobody holds."""
+        if self._owners is None:
+            return set()
+        return {owner for owner in owners if self._owners.is_dead(owner)}
 
     async def announce_release(self, tx: Transaction) -> None:
         """Nobody to tell: the other processes on a file (if any) sweep at their interval."""
