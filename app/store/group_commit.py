@@ -137,21 +137,21 @@ class GroupCommit(Generic[Tx]):
     async def _commit_or_split(self, batches: list[_Batch[Tx, Any, Any]]) -> None:
         try:
             await self._commit(batches)
-        except StoreError as error:
+        except Exception as error:
             if sum(map(len, batches)) == 1 or _refuses_every_write(error):
                 _fail(batches, error)
                 return
-            logger.warning("a write batch failed (%s); retrying its writes one by one", error)
+            if isinstance(error, StoreError):
+                logger.warning("a write batch failed (%s); retrying its writes one by one", error)
+            else:  # a bug: it should fail only the write it is about, like any other error
+                logger.exception("a write batch failed; retrying its writes one by one")
             await self._commit_one_by_one([one for batch in batches for one in batch.singles()])
-        except Exception as error:  # a bug: every caller hears of it, the drainer goes on
-            logger.exception("a write batch failed")
-            _fail(batches, error)
 
     async def _commit_one_by_one(self, singles: list[_Batch[Tx, Any, Any]]) -> None:
         for index, single in enumerate(singles):
             try:
                 await self._commit([single])
-            except StoreError as error:
+            except Exception as error:
                 single.fail(error)
                 if _refuses_every_write(error):
                     _fail(singles[index + 1 :], error)
@@ -174,7 +174,7 @@ class GroupCommit(Generic[Tx]):
             batch.committed()
 
 
-def _refuses_every_write(error: StoreError) -> bool:
+def _refuses_every_write(error: Exception) -> bool:
     return isinstance(error, StoreUnavailableError) and error.every_write
 
 
