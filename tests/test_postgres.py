@@ -15,7 +15,7 @@ from app.jobs import Claim, JobStatus
 from app.main import EXIT_DATABASE_UNAVAILABLE
 from app.runner import JobRunner
 from app.store import JobStore, StoreCorruptError, Swept, make_store
-from app.store.postgres import MIGRATIONS, OWNER_LOCK_SPACE, owner_lock_key
+from app.store.postgres import MIGRATIONS, OWNER_LOCK_SPACE, lock_session_name, owner_lock_key
 from app.workers import CpuWorkers
 from tests.support import (
     ROOT,
@@ -137,7 +137,7 @@ async def test_a_sweep_skips_rows_another_transaction_holds_instead_of_waiting(
 def owner_backend(postgres: PostgresDatabase, owner: str) -> int:
     """The server process of the session holding ``owner``'s liveness lock."""
     [(pid,)] = postgres.query(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 "
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted "
         f"AND classid::bigint = {OWNER_LOCK_SPACE} AND objid::bigint = {owner_lock_key(owner)}"
     )
     return int(pid)
@@ -191,6 +191,33 @@ async def test_a_replica_whose_lock_session_ends_is_taken_over_at_once_and_claim
         assert await cut_off.claim("later") is None
         await wait_until(lock_back, what="the liveness lock coming back")
         assert await cut_off.claim("later") == Claim("later", "cut-off", 1)
+
+
+async def test_a_replica_ends_its_own_stale_lock_session_to_take_its_lock_back(
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
+) -> None:
+    """After a network break the server may keep the replica's old session, and its lock."""
+    async with opened_store(settings, clock, "cut-off") as store:
+        key = (OWNER_LOCK_SPACE, owner_lock_key("cut-off"))
+        key_args = tuple(k - 2**32 if k >= 2**31 else k for k in key)
+        async with await psycopg.AsyncConnection.connect(
+            postgres.url, autocommit=True, application_name=lock_session_name("cut-off")
+        ) as stale:
+            postgres.query(f"SELECT pg_terminate_backend({owner_backend(postgres, 'cut-off')})")
+            # The session the server still keeps for the replica's side of the break.
+            await stale.execute("SELECT pg_advisory_lock(%s, %s)", key_args)
+
+            async def relocked() -> bool:
+                holder = postgres.query(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 "
+                    f"AND granted AND classid::bigint = {key[0]} AND objid::bigint = {key[1]}"
+                )
+                return bool(holder) and holder != [(stale.info.backend_pid,)]
+
+            await wait_until(relocked, seconds=15, what="the replica taking its lock back")
+            with pytest.raises(psycopg.OperationalError):
+                await stale.execute("SELECT 1")
+        assert await store.create_job("after", "[{}]", claimed=True) == Claim("after", "cut-off", 1)
 
 
 class Proxy:
