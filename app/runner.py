@@ -38,10 +38,9 @@ RECORD_RETRY_MAX_SECONDS = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """A job the store has committed, claimed for this process (with its turn) or reserved."""
+    """A job the store has committed: claimed for this process (its turn kept), or reserved."""
 
     claim: Claim
-    turn: Turn | None
     input_json: str | None  # a small input rides along; a large one is read back when run
     large: bool
 
@@ -65,6 +64,8 @@ class JobRunner:
         self._capacity = Capacity(settings.flow_concurrency, max(1, settings.flow_processes))
         # The flows running now, by claim, so they can be asked to stop.
         self._runs: dict[Claim, FlowStop] = {}
+        # Turns of jobs accepted claimed, kept until their background task starts them.
+        self._unstarted: dict[Claim, Turn] = {}
         # Claims held with no run, seen by the last heartbeat: a second sighting is an orphan.
         self._unrun: set[Claim] = set()
         self._jobs: set[asyncio.Task[None]] = set()
@@ -112,10 +113,12 @@ class JobRunner:
             if turn is not None:
                 turn.release()
             raise
-        if turn is not None and claim.is_reservation:  # the store took no claim: draining
-            turn.release()
-            turn = None
-        return Accepted(claim, turn, None if large else input_json, large)
+        if turn is not None:
+            if claim.is_reservation:  # the store took no claim: draining
+                turn.release()
+            else:
+                self._unstarted[claim] = turn
+        return Accepted(claim, None if large else input_json, large)
 
     async def run_expand_reduce_flow(self, accepted: Accepted) -> None:
         """Run a just-submitted job: what the submission's background task calls.
@@ -126,8 +129,10 @@ class JobRunner:
         self._spawn(self._run_accepted(accepted))
 
     async def _run_accepted(self, accepted: Accepted) -> None:
-        if accepted.turn is not None:
-            await self._execute(accepted.claim, accepted.turn, accepted.input_json)
+        if not accepted.claim.is_reservation:
+            kept = self._unstarted.pop(accepted.claim, None)
+            if kept is not None:  # else it came too late: the claim was let go as an orphan
+                await self._execute(accepted.claim, kept, accepted.input_json)
             return
         turn = await self._capacity.take(large=accepted.large)
         try:
@@ -200,6 +205,9 @@ class JobRunner:
         orphans, self._unrun = unrun & self._unrun, unrun - self._unrun
         if orphans:
             logger.warning("releasing %d claims that nothing was running", len(orphans))
+            for claim in orphans:
+                if (turn := self._unstarted.pop(claim, None)) is not None:
+                    turn.release()
             await self._store.release(orphans)
 
     async def _execute(self, claim: Claim, turn: Turn, input_json: str | None) -> None:

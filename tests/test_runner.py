@@ -440,22 +440,29 @@ async def test_an_outcome_the_database_refuses_is_retried_until_it_lands(
     await runner.stop()
 
 
-async def test_a_claim_that_nothing_runs_is_released_after_two_heartbeats(
+async def test_a_claim_that_nothing_runs_is_released_with_its_turn_after_two_heartbeats(
     store: JobStore,
     other: JobStore,
     settings: Settings,
     workers: GatedWorkers,
     clock: FakeClock,
+    database: FreshDatabase,
 ) -> None:
-    runner = make_runner(store, settings, workers)
-    await runner.accept(A, '[{"a":"1"}]')  # a background task that never came
+    runner = make_runner(store, settings, workers, flow_concurrency=1)
+    late = await runner.accept(A, '[{"a":"1"}]')  # its background task does not come (yet)
     await runner.heartbeat()
     assert len(store.held) == 1  # might be about to start
     await runner.heartbeat()
     assert len(store.held) == 0
     clock.advance(0.001)
     assert ids((await other.sweep(slots=5, lanes=5)).small) == {A}
+    # The only turn came back with the claim: the next job is claimed and runs at once.
+    await submit(runner, B, [{"b": "1"}])
+    assert await final(store, B) == (JobStatus.COMPLETED, [{"b": "1"}], None)
+    await runner.run_expand_reduce_flow(late)  # too late: it runs nothing
     await runner.stop()
+    assert workers.started == ['[{"b":"1"}]']
+    assert leases(database) == {A: ("other", 2)}  # the orphaned claim counted as a start
 
 
 async def test_a_failed_sweep_gives_its_turns_back(
