@@ -254,6 +254,12 @@ class FaultyDatabase:
     def tend_owner_locks(self, holding_leases: Collection[str]) -> None:
         self.real.tend_owner_locks(holding_leases)
 
+    async def take_purge_turn(self, tx: Transaction) -> bool:
+        return await self.real.take_purge_turn(tx)
+
+    async def return_free_space(self, tx: Transaction) -> None:
+        await self.real.return_free_space(tx)
+
     async def dead_owners(self, tx: Transaction, owners: Sequence[str]) -> set[str]:
         return await self.real.dead_owners(tx, owners)
 

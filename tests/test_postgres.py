@@ -56,6 +56,9 @@ async def test_schema_has_the_seed_columns_as_text_and_records_its_version(
         "error",
         "input_data",
         "output_data",
+        "tenant",
+        "idempotency_key",
+        "request_hash",
     }
     assert columns["input_data"] == columns["output_data"] == "text"
     assert postgres.query("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]

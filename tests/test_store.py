@@ -339,7 +339,7 @@ async def test_one_write_that_fails_on_its_own_fails_only_itself(
     """A large insert meeting a full disk must not take a small insert or a finish with it."""
 
     def disk_full_for_large_inputs(sql: str, params: Any) -> StoreUnavailableError | None:
-        if "INSERT INTO jobs" in sql and len(params[3]) > 100_000:
+        if "INSERT INTO jobs" in sql and len(params[-1]) > 100_000:  # its input_data
             return StoreUnavailableError(
                 "disk full", "the database disk is full", every_write=False
             )

@@ -24,10 +24,11 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol, overload
 
 from app.jobs import Claim, JobStatus
 
@@ -66,12 +67,32 @@ class StoreConflictError(StoreUnavailableError):
     """The database rolled a transaction back to break a deadlock; running it again helps."""
 
 
+class QueueFullError(StoreError):
+    """As many jobs as MAX_QUEUED_JOBS are unfinished: no new one is taken until some finish."""
+
+
+class IdempotencyKeyReusedError(StoreError):
+    """An idempotency key already used with a different request."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was already used with a different request")
+        self.key = key
+
+
 class StoreSetupError(StoreError):
     """The database cannot be used as configured; the service must not start on it."""
 
 
 class StoreCorruptError(StoreSetupError):
     """The database file is not a usable database (or has a schema newer than this service)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a processing job's current run has got."""
+
+    done_items: int
+    total_items: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +105,61 @@ class JobRecord:
     updated_at: str
     output_data: str | None
     error: str | None
+    tenant: str = ""
+    progress: Progress | None = None  # while processing
 
 
 @dataclass(frozen=True, slots=True)
-class LeasePolicy:
-    """How long claims last, how often a job may be started, and which jobs are large."""
+class JobSummary:
+    """A job as a list shows it: no payloads."""
+
+    job_id: str
+    status: JobStatus
+    created_at: str
+    updated_at: str
+
+
+# Where a list of jobs newest first resumes: after this (created_at, job_id).
+Cursor = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """A submission's idempotency key, and the hash of the request that came with it."""
+
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """A submission repeating an earlier one (same key, same request): that job's id."""
+
+    job_id: str
+
+
+class CancelResult(Enum):
+    """What asking to cancel a job did."""
+
+    CANCELLED = "cancelled"  # it was processing; now it has failed, "cancelled"
+    FINISHED = "finished"  # it had finished already: nothing changed
+    NOT_FOUND = "not found"  # no such job (for this tenant)
+
+
+class DeleteResult(Enum):
+    """What asking to delete a job did."""
+
+    DELETED = "deleted"
+    PROCESSING = "processing"  # not finished: nothing changed (cancel it first)
+    NOT_FOUND = "not found"
+
+
+CANCELLED_ERROR = "cancelled at the client's request"
+
+
+@dataclass(frozen=True, slots=True)
+class StorePolicy:
+    """How claims last, how often jobs may start, which are large, how many may wait."""
 
     lease_seconds: float
     claim_grace_seconds: float
@@ -96,6 +167,7 @@ class LeasePolicy:
     # Inputs of at least this many characters are large: a sweep claims no more of them than
     # the process has large-job lanes free.
     large_input_length: int = 128 * 1024
+    max_unfinished_jobs: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,19 +246,77 @@ class JobStore(Protocol):
     async def ping(self) -> None:
         """Raise StoreError unless the database answers."""
 
-    async def create_job(self, job_id: str, input_json: str, *, claimed: bool) -> Claim:
+    @overload
+    async def create_job(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        claimed: bool,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: None = None,
+    ) -> Claim: ...
+
+    @overload
+    async def create_job(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        claimed: bool,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: Idempotency | None = None,
+    ) -> Claim | Replayed: ...
+
+    async def create_job(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        claimed: bool,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: Idempotency | None = None,
+    ) -> Claim | Replayed:
         """Insert a new job; return only once it is committed.
 
         ``claimed``: the caller is about to run it, so it is inserted claimed (attempt 1);
         otherwise, or once the store takes no claims, it is reserved (attempt 0). The claim or
-        reservation is held (``held``) from the commit on.
+        reservation is held (``held``) from the commit on. With an ``idempotency`` key the
+        tenant already used for the same request, nothing is inserted: that job's id comes
+        back (``Replayed``). Raises IdempotencyKeyReusedError for a key used with another
+        request, QueueFullError when the policy's maximum of unfinished jobs is reached.
         """
 
-    async def get_job(self, job_id: str, *, with_output: bool = False) -> JobRecord | None:
-        """Return the job, or None if there is no such job."""
+    async def get_job(
+        self, job_id: str, *, with_output: bool = False, tenant: str | None = None
+    ) -> JobRecord | None:
+        """Return the job (of ``tenant``, unless None), or None if there is no such job."""
+
+    async def list_jobs(
+        self, *, tenant: str, status: JobStatus | None, limit: int, after: Cursor | None
+    ) -> list[JobSummary]:
+        """The tenant's jobs newest first, after ``after`` (or from the newest)."""
+
+    async def cancel_job(self, job_id: str, *, tenant: str) -> CancelResult:
+        """Fail a processing job as cancelled; a run of it still going is fenced out."""
+
+    async def delete_job(self, job_id: str, *, tenant: str) -> DeleteResult:
+        """Remove a finished job, row and payloads."""
+
+    async def purge_expired(self, finished_before: float, limit: int) -> int:
+        """Remove up to ``limit`` jobs finished before that time; return how many went.
+
+        Returns 0 without looking when another process is purging (PostgreSQL).
+        """
 
     async def load_input(self, job_id: str) -> str | None:
         """Return the job's input JSON, or None if there is no such job."""
+
+    async def still_processing(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of these jobs that are processing (the others finished, or are gone)."""
 
     async def claim(self, job_id: str) -> Claim | None:
         """Claim this job: this process's own reservation of it, or a free or stale lease."""
@@ -199,8 +329,11 @@ class JobStore(Protocol):
         count as expired.
         """
 
-    async def renew(self) -> set[Claim]:
-        """Extend the leases of every claim held; return those that were lost (no longer held)."""
+    async def renew(self, progress: Mapping[Claim, int] | None = None) -> set[Claim]:
+        """Extend the leases of every claim held; return those that were lost (no longer held).
+
+        ``progress`` records how many objects each of these claims' runs has done.
+        """
 
     async def finish(self, claim: Claim, *, output_json: str | None, error: str | None) -> bool:
         """Record the outcome if ``claim`` is still the job's current claim; say whether it was.
@@ -230,6 +363,12 @@ class JobStore(Protocol):
         or never, and the periodic sweep stays the safety net.
         """
 
+    def on_jobs_finished(self, finished: Callable[[Iterable[str]], None]) -> None:
+        """Call ``finished`` with the ids of jobs this process finishes, as each write commits.
+
+        Jobs finished by other processes are not reported: ask ``get_job``.
+        """
+
 
 def iso_utc(epoch_seconds: float) -> str:
     """Format a Unix time as ISO 8601 UTC with microseconds, e.g. 2026-11-28T11:37:39.123456Z."""
@@ -241,13 +380,14 @@ def new_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def lease_policy(settings: "Settings") -> LeasePolicy:
-    """The lease policy the settings ask for."""
-    return LeasePolicy(
+def store_policy(settings: "Settings") -> StorePolicy:
+    """The store policy the settings ask for."""
+    return StorePolicy(
         lease_seconds=settings.job_lease_seconds,
         claim_grace_seconds=settings.job_claim_grace_seconds,
         max_attempts=settings.job_max_attempts,
         large_input_length=settings.flow_process_threshold_bytes,
+        max_unfinished_jobs=settings.max_queued_jobs,
     )
 
 
@@ -284,5 +424,5 @@ def make_store(
     from app.store.sql import SQLJobStore
 
     return SQLJobStore(
-        database or make_database(settings), lease_policy(settings), clock, owner or new_owner_id()
+        database or make_database(settings), store_policy(settings), clock, owner or new_owner_id()
     )

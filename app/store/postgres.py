@@ -70,10 +70,26 @@ MIGRATIONS: Sequence[str] = (
         SELECT length(input_data) FROM jobs WHERE jobs.job_id = job_leases.job_id
     )
     """,
+    # 3: who a job belongs to (its API key's tenant, '' without keys), its idempotency key and
+    # the hash of the request that used it, and its progress; indexes to list jobs newest
+    # first and to find expired ones.
+    """
+    ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN request_hash TEXT;
+    CREATE INDEX jobs_newest ON jobs (tenant, created_at, job_id);
+    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (idempotency_key, tenant)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_finished ON jobs (updated_at) WHERE status <> 'processing';
+    ALTER TABLE job_leases ADD COLUMN total_items INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE job_leases ADD COLUMN done_items INTEGER NOT NULL DEFAULT 0
+    """,
 )
 # pg_advisory_xact_lock key held while migrating: any constant the other users of the
 # database do not use ("expand-reduce" in ASCII).
 MIGRATION_LOCK = 0x657870616E64
+# pg_try_advisory_xact_lock key of the purge: one replica purges at a time ("purge").
+PURGE_LOCK = 0x7075726765
 RETRY_PAUSE_SECONDS = 1.0
 # NOTIFY'd when a replica releases jobs (it is stopping), so the others sweep at once.
 RELEASED_CHANNEL = "expand_reduce_jobs_released"
@@ -311,6 +327,14 @@ class PostgresDatabase:
         """The owners whose advisory liveness lock no session holds."""
         live = {key for (key,) in await tx.fetch(LIVE_OWNER_LOCKS, (OWNER_LOCK_SPACE,))}
         return {owner for owner in owners if owner_lock_key(owner) not in live}
+
+    async def take_purge_turn(self, tx: Transaction) -> bool:
+        """Whether this replica holds the purge lock for ``tx``: one replica purges at a time."""
+        [(taken,)] = await tx.fetch("SELECT pg_try_advisory_xact_lock(%s)", (PURGE_LOCK,))
+        return bool(taken)
+
+    async def return_free_space(self, tx: Transaction) -> None:
+        """Nothing to do: PostgreSQL's autovacuum makes the space reusable."""
 
     async def announce_release(self, tx: Transaction) -> None:
         """NOTIFY the other replicas (delivered when ``tx`` commits), so they sweep now."""

@@ -20,20 +20,31 @@ means the same on every backend and tests can move the clock.
 """
 
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar, overload
 
 from app.batching import Batcher
 from app.jobs import Claim, JobStatus
 from app.store import (
+    CANCELLED_ERROR,
     INTERRUPTED_TOO_OFTEN,
+    CancelResult,
     ClaimRegistry,
     Clock,
+    Cursor,
+    DeleteResult,
+    Idempotency,
+    IdempotencyKeyReusedError,
     JobRecord,
-    LeasePolicy,
+    JobSummary,
+    Progress,
+    QueueFullError,
+    Replayed,
     StoreCorruptError,
+    StoreError,
+    StorePolicy,
     Swept,
     iso_utc,
 )
@@ -47,12 +58,20 @@ Row = Sequence[Any]
 # A job has a job_leases row exactly while it is processing. A lease is live while
 # lease_until >= now; a reservation's lease_until is the end of its grace time.
 INSERT_JOB = """
-    INSERT INTO jobs (job_id, status, created_at, updated_at, input_data)
-    VALUES (?, 'processing', ?, ?, ?)
+    INSERT INTO jobs (
+        job_id, status, tenant, created_at, updated_at, idempotency_key, request_hash, input_data
+    )
+    VALUES (?, 'processing', ?, ?, ?, ?, ?, ?)
 """
 INSERT_LEASE = """
-    INSERT INTO job_leases (job_id, owner, attempts, lease_until, input_length)
-    VALUES (?, ?, ?, ?, ?)
+    INSERT INTO job_leases (job_id, owner, attempts, lease_until, input_length, total_items)
+    VALUES (?, ?, ?, ?, ?, ?)
+"""
+# Every unfinished job has a lease row: this is how many there are.
+COUNT_UNFINISHED = "SELECT count(*) FROM job_leases"
+KEYS_IN_USE = """
+    SELECT tenant, idempotency_key, job_id, request_hash FROM jobs
+    WHERE idempotency_key IN ({keys})
 """
 # Renewals, finishes and releases are fenced by the whole claim, and say which claims landed.
 RENEW = """
@@ -65,6 +84,9 @@ END_LEASES = """
 """
 RECORD_OUTCOME = """
     UPDATE jobs SET status = ?, output_data = ?, error = ?, updated_at = ? WHERE job_id = ?
+"""
+RECORD_PROGRESS = """
+    UPDATE job_leases SET done_items = ? WHERE job_id = ? AND owner = ? AND attempts = ?
 """
 RELEASE = """
     UPDATE job_leases SET owner = NULL, lease_until = ?
@@ -106,9 +128,48 @@ CLAIM_STALE = """
     )
     RETURNING job_id, attempts
 """
-STATUSES = "SELECT job_id, status, created_at, updated_at, error FROM jobs WHERE job_id IN ({ids})"
-RESULT = "SELECT status, created_at, updated_at, output_data, error FROM jobs WHERE job_id = ?"
+STATUSES = """
+    SELECT job_id, status, created_at, updated_at, error, tenant FROM jobs WHERE job_id IN ({ids})
+"""
+PROGRESS = "SELECT job_id, done_items, total_items FROM job_leases WHERE job_id IN ({ids})"
+LEASED = "SELECT job_id FROM job_leases WHERE job_id IN ({ids})"
+RESULT = """
+    SELECT status, created_at, updated_at, output_data, error, tenant FROM jobs WHERE job_id = ?
+"""
 INPUT = "SELECT input_data FROM jobs WHERE job_id = ?"
+# Newest first, after a (created_at, job_id) cursor: keyset pagination, stable while jobs are
+# added (they are newer than any cursor, so they never shift a later page).
+LIST_JOBS = """
+    SELECT job_id, status, created_at, updated_at FROM jobs
+    WHERE tenant = ? AND (created_at, job_id) < (?, ?)
+    ORDER BY created_at DESC, job_id DESC LIMIT ?
+"""
+# By status: finished jobs through the newest-first index, skipping the others (no index by
+# status, which every finish would have to update: a tenth of the submit rate); processing
+# ones through their leases, of which there are at most MAX_QUEUED_JOBS.
+LIST_JOBS_WITH_STATUS = """
+    SELECT job_id, status, created_at, updated_at FROM jobs
+    WHERE tenant = ? AND status = ? AND (created_at, job_id) < (?, ?)
+    ORDER BY created_at DESC, job_id DESC LIMIT ?
+"""
+LIST_PROCESSING_JOBS = """
+    SELECT jobs.job_id, jobs.status, jobs.created_at, jobs.updated_at
+    FROM job_leases CROSS JOIN jobs
+    WHERE jobs.job_id = job_leases.job_id AND jobs.tenant = ? AND jobs.status = ?
+        AND (jobs.created_at, jobs.job_id) < (?, ?)
+    ORDER BY jobs.created_at DESC, jobs.job_id DESC LIMIT ?
+"""
+# Later than any timestamp this service writes: the cursor of the first page.
+NEWEST = ("9999", "")
+JOB_OWNER_AND_STATUS = "SELECT tenant, status FROM jobs WHERE job_id = ?"
+END_LEASE_OF_JOB = "DELETE FROM job_leases WHERE job_id = ? RETURNING job_id"
+DELETE_FINISHED = "DELETE FROM jobs WHERE job_id = ? AND status <> 'processing'"
+PURGE_FINISHED = """
+    DELETE FROM jobs WHERE job_id IN (
+        SELECT job_id FROM jobs WHERE status <> 'processing' AND updated_at < ?
+        ORDER BY updated_at LIMIT ? {lock}
+    )
+"""
 # The lease_until of a lease whose owner is gone: long past, so sweeps take it first.
 EXPIRED = 0.0
 # Beyond any input's length: the upper bound of "large".
@@ -188,6 +249,12 @@ class Database(Protocol):
     async def announce_release(self, tx: Transaction) -> None:
         """Tell other processes, once ``tx`` commits, that jobs were released."""
 
+    async def take_purge_turn(self, tx: Transaction) -> bool:
+        """Whether this process may purge now (for ``tx``): one process at a time does."""
+
+    async def return_free_space(self, tx: Transaction) -> None:
+        """Give the space freed by deleted rows back, if the backend does not do it itself."""
+
     def on_jobs_released(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` when another process announces released jobs, if the backend can."""
 
@@ -244,6 +311,36 @@ class NewJob:
     job_id: str
     input_json: str
     claimed: bool
+    total_items: int
+    tenant: str
+    idempotency: Idempotency | None
+
+
+# What an insert comes to: a claim or reservation, an earlier job replayed, or a refusal.
+InsertAnswer = Claim | Replayed | StoreError
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """Renew whatever is held when the transaction runs; record these runs' progress."""
+
+    progress: Mapping[Claim, int]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """Cancel or delete one job of one tenant."""
+
+    job_id: str
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """Remove up to ``limit`` jobs that finished before ``before`` (an ISO timestamp)."""
+
+    before: str
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,14 +368,10 @@ class SweepRequest:
     lanes: int
 
 
-# A renewal carries nothing: it renews whatever is held when its transaction runs.
-Renewal = None
-
-
 class SQLJobStore:
     """The JobStore protocol over a ``Database``: one process's handle on the jobs."""
 
-    def __init__(self, database: Database, policy: LeasePolicy, clock: Clock, owner: str) -> None:
+    def __init__(self, database: Database, policy: StorePolicy, clock: Clock, owner: str) -> None:
         self._db = database
         self._policy = policy
         self._clock = clock
@@ -297,8 +390,12 @@ class SQLJobStore:
         self._finishes = writes.stage(self._apply_finishes, self._ended)
         self._claims = writes.stage(self._apply_claims, self._converted)
         self._releases = writes.stage(self._apply_releases, self._released)
+        self._cancels = writes.stage(self._apply_cancels, self._cancelled)
+        self._deletions = writes.stage(self._apply_deletions)
+        self._purges = writes.stage(self._apply_purges)
         self._writes = writes
         self._status_reads: Batcher[str, JobRecord | None] = Batcher(self._read_statuses)
+        self._finished_listeners: list[Callable[[Iterable[str]], None]] = []
 
     @property
     def owner(self) -> str:
@@ -345,26 +442,130 @@ class SQLJobStore:
         """Call ``wake`` when another process releases jobs, if the backend can tell."""
         self._db.on_jobs_released(wake)
 
+    def on_jobs_finished(self, finished: Callable[[Iterable[str]], None]) -> None:
+        """Call ``finished`` with the ids of the jobs this process's writes finish."""
+        self._finished_listeners.append(finished)
+
+    def _report_finished(self, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            for finished in self._finished_listeners:
+                finished(job_ids)
+
     def _can_claim(self) -> bool:
         return self._claiming and self._db.holds_owner_lock
 
     # Inserts.
 
-    async def create_job(self, job_id: str, input_json: str, *, claimed: bool) -> Claim:
-        """Insert a job claimed by this process (attempt 1) or reserved for it (attempt 0)."""
-        return await self._inserts.submit(NewJob(job_id, input_json, claimed))
+    @overload
+    async def create_job(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        claimed: bool,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: None = None,
+    ) -> Claim: ...
+
+    @overload
+    async def create_job(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        claimed: bool,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: Idempotency | None = None,
+    ) -> Claim | Replayed: ...
+
+    async def create_job(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        claimed: bool,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: Idempotency | None = None,
+    ) -> Claim | Replayed:
+        """Insert a job claimed by this process (attempt 1) or reserved for it (attempt 0).
+
+        With an idempotency key used before: that job, or an error if the request differs.
+        """
+        op = NewJob(job_id, input_json, claimed, total_items, tenant, idempotency)
+        answer = await self._inserts.submit(op)
+        if isinstance(answer, StoreError):
+            raise answer
+        return answer
 
     async def _apply_inserts(
         self, tx: Transaction, ops: Sequence[NewJob], now: float
-    ) -> list[Claim]:
+    ) -> list[InsertAnswer]:
+        """Replay repeated submissions, refuse those past the queue's bound, insert the rest."""
+        answers = await self._repeated_submissions(tx, ops)
+        new = [i for i, op in enumerate(ops) if i not in answers]
+        [(unfinished,)] = await tx.fetch(self._sql(COUNT_UNFINISHED), ())
+        room = max(0, self._policy.max_unfinished_jobs - unfinished)
+        for i in new[room:]:
+            answers[i] = QueueFullError(
+                f"{self._policy.max_unfinished_jobs} jobs are unfinished; retry later"
+            )
+        inserted = [ops[i] for i in new[:room]]
+        claims = await self._insert(tx, inserted, now) if inserted else []
+        answers.update(zip(new[:room], claims, strict=True))
+        return [answers[i] for i in range(len(ops))]
+
+    async def _repeated_submissions(
+        self, tx: Transaction, ops: Sequence[NewJob]
+    ) -> dict[int, InsertAnswer]:
+        """Answers for submissions whose idempotency key was used before (or earlier here).
+
+        The first job again if the request was the same, an error if it was not.
+        """
+        keyed = [(i, op) for i, op in enumerate(ops) if op.idempotency is not None]
+        if not keyed:
+            return {}
+        first: dict[tuple[str, str], tuple[str, str]] = {}  # (tenant, key) -> (job, hash)
+        keys = list(dict.fromkeys(op.idempotency.key for _, op in keyed if op.idempotency))
+        for chunk in chunks(keys):
+            sql = self._sql(KEYS_IN_USE, keys=marks(len(chunk)))
+            for tenant, key, job_id, request_hash in await tx.fetch(sql, chunk):
+                first[(tenant, key)] = (job_id, request_hash)
+        answers: dict[int, InsertAnswer] = {}
+        for i, op in keyed:
+            assert op.idempotency is not None
+            seen = first.setdefault(
+                (op.tenant, op.idempotency.key), (op.job_id, op.idempotency.request_hash)
+            )
+            if seen[0] == op.job_id:
+                continue  # the first use of this key: inserted
+            if seen[1] == op.idempotency.request_hash:
+                answers[i] = Replayed(seen[0])
+            else:
+                answers[i] = IdempotencyKeyReusedError(op.idempotency.key)
+        return answers
+
+    async def _insert(self, tx: Transaction, ops: Sequence[NewJob], now: float) -> list[Claim]:
         claiming = self._can_claim()
         claims = [Claim(op.job_id, self._owner, int(op.claimed and claiming)) for op in ops]
         stamp = iso_utc(now)
         grace = now + self._policy.claim_grace_seconds
         until = now + self._policy.lease_seconds
-        await tx.execute_many(
-            self._sql(INSERT_JOB), [(op.job_id, stamp, stamp, op.input_json) for op in ops]
-        )
+        jobs = [
+            (
+                op.job_id,
+                op.tenant,
+                stamp,
+                stamp,
+                op.idempotency.key if op.idempotency else None,
+                op.idempotency.request_hash if op.idempotency else None,
+                op.input_json,
+            )
+            for op in ops
+        ]
+        await tx.execute_many(self._sql(INSERT_JOB), jobs)
         leases = [
             (
                 op.job_id,
@@ -372,25 +573,30 @@ class SQLJobStore:
                 claim.attempt,
                 grace if claim.is_reservation else until,
                 len(op.input_json),
+                op.total_items,
             )
             for op, claim in zip(ops, claims, strict=True)
         ]
         await tx.execute_many(self._sql(INSERT_LEASE), leases)
         return claims
 
-    def _took(self, ops: Sequence[object], claims: Sequence[Claim]) -> None:
-        self._held.add(claims)
+    def _took(self, ops: Sequence[NewJob], answers: Sequence[InsertAnswer]) -> None:
+        self._held.add(answer for answer in answers if isinstance(answer, Claim))
 
     # Renewals.
 
-    async def renew(self) -> set[Claim]:
-        """Extend the lease of every claim held; return those found lost."""
-        return await self._renewals.submit(Renewal)
+    async def renew(self, progress: Mapping[Claim, int] | None = None) -> set[Claim]:
+        """Extend the lease of every claim held, record progress; return those found lost."""
+        return await self._renewals.submit(Renewal(progress or {}))
 
     async def _apply_renewals(
-        self, tx: Transaction, ops: Sequence[None], now: float
+        self, tx: Transaction, ops: Sequence[Renewal], now: float
     ) -> list[set[Claim]]:
         lost = await self._renew_held(tx, now)
+        progress = {claim: done for op in ops for claim, done in op.progress.items()}
+        rows = [(done, *fences([claim])) for claim, done in progress.items() if claim not in lost]
+        if rows:
+            await tx.execute_many(self._sql(RECORD_PROGRESS), rows)
         return [lost] * len(ops)
 
     async def _renew_held(self, tx: Transaction, now: float) -> set[Claim]:
@@ -408,7 +614,7 @@ class SQLJobStore:
             renewed.update(Claim(job_id, owner, attempt) for job_id, owner, attempt in rows)
         return set(held) - renewed
 
-    def _lost(self, ops: Sequence[None], lost: Sequence[set[Claim]]) -> None:
+    def _lost(self, ops: Sequence[Renewal], lost: Sequence[set[Claim]]) -> None:
         for claims in lost:
             self._held.discard(claims)
 
@@ -442,6 +648,7 @@ class SQLJobStore:
 
     def _ended(self, ops: Sequence[Finish], landed: Sequence[bool]) -> None:
         self._held.discard(op.claim for op in ops)
+        self._report_finished([op.claim.job_id for op, ok in zip(ops, landed, strict=True) if ok])
 
     # Claims by id.
 
@@ -570,29 +777,134 @@ class SQLJobStore:
             # A reservation of this process's own, past its grace time, may be among them.
             self._held.discard(Claim(claim.job_id, self._owner, 0) for claim in claimed)
             self._held.add(claimed)
+        self._report_finished(list(dict.fromkeys(j for swept in results for j in swept.failed)))
+
+    # Cancels, deletions, purges.
+
+    async def cancel_job(self, job_id: str, *, tenant: str) -> CancelResult:
+        """Fail a processing job as cancelled, fencing out any run of it that is still going."""
+        return await self._cancels.submit(JobRequest(job_id, tenant))
+
+    async def _apply_cancels(
+        self, tx: Transaction, ops: Sequence[JobRequest], now: float
+    ) -> list[CancelResult]:
+        results = []
+        for op in ops:
+            rows = await tx.fetch(self._sql(JOB_OWNER_AND_STATUS), (op.job_id,))
+            if not rows or rows[0][0] != op.tenant:
+                results.append(CancelResult.NOT_FOUND)
+            elif not await tx.fetch(self._sql(END_LEASE_OF_JOB), (op.job_id,)):
+                results.append(CancelResult.FINISHED)  # no lease: it has finished
+            else:
+                failed = (JobStatus.FAILED.value, None, CANCELLED_ERROR, iso_utc(now), op.job_id)
+                await tx.execute(self._sql(RECORD_OUTCOME), failed)
+                results.append(CancelResult.CANCELLED)
+        return results
+
+    def _cancelled(self, ops: Sequence[JobRequest], results: Sequence[CancelResult]) -> None:
+        done = [
+            op.job_id
+            for op, result in zip(ops, results, strict=True)
+            if result is CancelResult.CANCELLED
+        ]
+        # Whatever this process held of those jobs is void now: their lease rows are gone.
+        cancelled = set(done)
+        self._held.discard([claim for claim in self._held if claim.job_id in cancelled])
+        self._report_finished(done)
+
+    async def delete_job(self, job_id: str, *, tenant: str) -> DeleteResult:
+        """Remove a finished job of this tenant: its row, input and result."""
+        return await self._deletions.submit(JobRequest(job_id, tenant))
+
+    async def _apply_deletions(
+        self, tx: Transaction, ops: Sequence[JobRequest], now: float
+    ) -> list[DeleteResult]:
+        results = []
+        for op in ops:
+            rows = await tx.fetch(self._sql(JOB_OWNER_AND_STATUS), (op.job_id,))
+            if not rows or rows[0][0] != op.tenant:
+                results.append(DeleteResult.NOT_FOUND)
+            elif await tx.execute(self._sql(DELETE_FINISHED), (op.job_id,)):
+                results.append(DeleteResult.DELETED)
+            else:
+                results.append(DeleteResult.PROCESSING)
+        return results
+
+    async def purge_expired(self, finished_before: float, limit: int) -> int:
+        """Remove up to ``limit`` jobs finished before then; 0 if another process purges."""
+        return await self._purges.submit(Purge(iso_utc(finished_before), limit))
+
+    async def _apply_purges(self, tx: Transaction, ops: Sequence[Purge], now: float) -> list[int]:
+        if not await self._db.take_purge_turn(tx):
+            return [0] * len(ops)
+        removed = [await tx.execute(self._sql(PURGE_FINISHED), (op.before, op.limit)) for op in ops]
+        if any(removed):
+            await self._db.return_free_space(tx)
+        return removed
 
     # Reads.
 
-    async def get_job(self, job_id: str, *, with_output: bool = False) -> JobRecord | None:
-        """Return the job, with its output only if asked (it can be megabytes)."""
-        if not with_output:
-            return await self._status_reads.submit(job_id)
+    async def get_job(
+        self, job_id: str, *, with_output: bool = False, tenant: str | None = None
+    ) -> JobRecord | None:
+        """Return the job (if it is ``tenant``'s, unless None), its output only if asked."""
+        if with_output:
+            job = await self._read_result(job_id)
+        else:
+            job = await self._status_reads.submit(job_id)
+        if job is None or (tenant is not None and job.tenant != tenant):
+            return None
+        return job
+
+    async def _read_result(self, job_id: str) -> JobRecord | None:
         rows = await self._db.fetch(self._sql(RESULT), (job_id,))
         if not rows:
             return None
-        status, created_at, updated_at, output_data, error = rows[0]
-        return JobRecord(job_id, JobStatus(status), created_at, updated_at, output_data, error)
+        status, created_at, updated_at, output_data, error, tenant = rows[0]
+        return JobRecord(
+            job_id, JobStatus(status), created_at, updated_at, output_data, error, tenant
+        )
 
     async def _read_statuses(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
-        """One query for every status asked for at the same moment."""
+        """One query for every status asked for at the same moment (two if some are running)."""
         found: dict[str, JobRecord] = {}
         for chunk in chunks(list(dict.fromkeys(job_ids))):
             rows = await self._db.fetch(self._sql(STATUSES, ids=marks(len(chunk))), chunk)
-            for job_id, status, created_at, updated_at, error in rows:
+            for job_id, status, created_at, updated_at, error, tenant in rows:
                 found[job_id] = JobRecord(
-                    job_id, JobStatus(status), created_at, updated_at, None, error
+                    job_id, JobStatus(status), created_at, updated_at, None, error, tenant
                 )
+        processing = [j for j, job in found.items() if job.status is JobStatus.PROCESSING]
+        for chunk in chunks(processing):
+            rows = await self._db.fetch(self._sql(PROGRESS, ids=marks(len(chunk))), chunk)
+            for job_id, done, total in rows:
+                found[job_id] = replace(found[job_id], progress=Progress(done, total))
         return [found.get(job_id) for job_id in job_ids]
+
+    async def list_jobs(
+        self, *, tenant: str, status: JobStatus | None, limit: int, after: Cursor | None
+    ) -> list[JobSummary]:
+        """The tenant's jobs newest first, after the cursor (or from the newest)."""
+        created_at, job_id = after or NEWEST
+        keyset = (created_at, job_id, limit)
+        if status is None:
+            rows = await self._db.fetch(self._sql(LIST_JOBS), (tenant, *keyset))
+        else:
+            params = (tenant, status.value, *keyset)
+            sql = LIST_PROCESSING_JOBS if status is JobStatus.PROCESSING else LIST_JOBS_WITH_STATUS
+            rows = await self._db.fetch(self._sql(sql), params)
+        return [
+            JobSummary(job_id, JobStatus(status), created_at, updated_at)
+            for job_id, status, created_at, updated_at in rows
+        ]
+
+    async def still_processing(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of these jobs that are processing: the ones with a lease row (an index read)."""
+        found: set[str] = set()
+        for chunk in chunks(list(job_ids)):
+            sql = self._sql(LEASED, ids=marks(len(chunk)))
+            found.update(job_id for (job_id,) in await self._db.fetch(sql, chunk))
+        return found
 
     async def load_input(self, job_id: str) -> str | None:
         """Return the job's input JSON."""

@@ -22,6 +22,11 @@ from app.store.sql import Dialect, Row, Transaction, upgrade_schema
 
 # Checkpoints run at most this often: each ends with a sync of the database file.
 CHECKPOINT_PAUSE_SECONDS = 0.05
+# Once a checkpoint has copied the whole WAL back, the WAL file is cut back to this size.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+# A WAL grown past this (readers kept it from starting over) is waited for readers and restarted.
+WAL_RESTART_SIZE = 4 * WAL_SIZE_LIMIT
+INCREMENTAL_VACUUM = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +84,33 @@ MIGRATIONS: Sequence[str] = (
     UPDATE job_leases SET input_length = (
         SELECT length(input_data) FROM jobs WHERE jobs.job_id = job_leases.job_id
     )
+    """,
+    # 4: who a job belongs to (its API key's tenant, '' without keys), its idempotency key and
+    # the hash of the request that used it, and its progress; indexes to list jobs newest
+    # first and to find expired ones. The jobs table is rebuilt so its large columns stay last.
+    """
+    CREATE TABLE jobs_v4 (
+        job_id          TEXT PRIMARY KEY,
+        status          TEXT NOT NULL CHECK (status IN ('processing', 'completed', 'failed')),
+        tenant          TEXT NOT NULL DEFAULT '',
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        error           TEXT,
+        idempotency_key TEXT,
+        request_hash    TEXT,
+        input_data      TEXT NOT NULL,
+        output_data     TEXT
+    );
+    INSERT INTO jobs_v4 (job_id, status, created_at, updated_at, error, input_data, output_data)
+        SELECT job_id, status, created_at, updated_at, error, input_data, output_data FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v4 RENAME TO jobs;
+    CREATE INDEX jobs_newest ON jobs (tenant, created_at, job_id);
+    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (idempotency_key, tenant)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_finished ON jobs (updated_at) WHERE status <> 'processing';
+    ALTER TABLE job_leases ADD COLUMN total_items INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE job_leases ADD COLUMN done_items INTEGER NOT NULL DEFAULT 0
     """,
 )
 
@@ -158,6 +190,7 @@ class SQLiteDatabase:
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+        self._page_size = 4096
         self._wal_grew = asyncio.Event()
         # aiosqlite serialises calls, not transactions: without this lock another coroutine's
         # statement could land inside (and be committed or rolled back with) ours.
@@ -183,6 +216,9 @@ class SQLiteDatabase:
             # Checkpoints (copying the WAL into the database file) run on a connection of their
             # own, beside the writes, rather than inside whichever commit crosses 1,000 pages.
             await self._writer.execute("PRAGMA wal_autocheckpoint = 0")
+            await self._writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            [(self._page_size,)] = await self._writer.execute_fetchall("PRAGMA page_size")
+            await self._use_incremental_vacuum(self._writer)
             await self._migrate(self._writer)
             self._reader = await self._connect()
             await self._reader.execute("PRAGMA query_only = ON")
@@ -194,6 +230,20 @@ class SQLiteDatabase:
             if isinstance(error, sqlite3.Error):
                 raise _translate(error, self.path) from error
             raise
+
+    async def _use_incremental_vacuum(self, db: aiosqlite.Connection) -> None:
+        """Let pages freed by purges go back to the file system.
+
+        A file made before this version is rewritten once (VACUUM) to allow it.
+        """
+        [(mode,)] = await db.execute_fetchall("PRAGMA auto_vacuum")
+        if mode == INCREMENTAL_VACUUM:
+            return
+        await db.execute(f"PRAGMA auto_vacuum = {INCREMENTAL_VACUUM}")
+        [(tables,)] = await db.execute_fetchall("SELECT count(*) FROM sqlite_master")
+        if tables:  # an empty file takes the setting as it is; a used one needs rewriting
+            logger.info("rewriting %s once, so freed space can be returned", self.path)
+            await db.execute("VACUUM")
 
     def _hold_owner_lock(self, owner: str) -> None:
         directory = owners_directory(self.path)
@@ -241,7 +291,14 @@ class SQLiteDatabase:
             await self._wal_grew.wait()
             self._wal_grew.clear()
             try:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                [(_, wal_pages, _)] = await self._checkpointer.execute_fetchall(
+                    "PRAGMA wal_checkpoint(PASSIVE)"
+                )
+                if wal_pages * self._page_size > WAL_RESTART_SIZE:
+                    # Readers kept it from starting over for a while: wait them out once (they
+                    # are short), so the next write starts the WAL afresh and cuts it back.
+                    # Rare: this holds writes back for as long as it takes.
+                    await self._checkpointer.execute("PRAGMA wal_checkpoint(RESTART)")
             except sqlite3.Error as error:
                 logger.warning("checkpoint of %s failed: %s", self.path, error)
             await asyncio.sleep(CHECKPOINT_PAUSE_SECONDS)
@@ -279,6 +336,21 @@ class SQLiteDatabase:
 
     async def announce_release(self, tx: Transaction) -> None:
         """Nobody to tell: the other processes on a file (if any) sweep at their interval."""
+
+    async def take_purge_turn(self, tx: Transaction) -> bool:
+        """Always: SQLite's write transactions already take turns."""
+        return True
+
+    async def return_free_space(self, tx: Transaction) -> None:
+        """Hand free pages back to the file system once they are a quarter of the file.
+
+        Fewer are left for new jobs to reuse: moving pages about to return them would write
+        as much again into the WAL, for space the next jobs take back.
+        """
+        [(free,)] = await tx.fetch("PRAGMA freelist_count", ())
+        [(pages,)] = await tx.fetch("PRAGMA page_count", ())
+        if free * 4 > pages:
+            await tx.fetch(f"PRAGMA incremental_vacuum({free - pages // 8})", ())
 
     def on_jobs_released(self, wake: Callable[[], None]) -> None:
         """SQLite cannot tell: released jobs wait for the next sweep."""
