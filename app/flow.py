@@ -51,6 +51,10 @@ def never() -> bool:
     return False
 
 
+def ignore(done_items: int) -> None:
+    """An ``on_progress`` that listens to nothing."""
+
+
 def as_text(value: JSONScalar) -> str:
     """Render a value for a merged value: strings as they are, anything else as JSON writes it."""
     if isinstance(value, str):
@@ -171,13 +175,18 @@ def _unlink(root: Node) -> None:
 BATCH_ITEMS = 1_000
 
 
-def expand_reduce_json(input_json: str, should_stop: Callable[[], bool] = never) -> str:
+def expand_reduce_json(
+    input_json: str,
+    should_stop: Callable[[], bool] = never,
+    on_progress: Callable[[int], None] = ignore,
+) -> str:
     """Run the flow on a job's input JSON and return its result as JSON text.
 
     This is what a worker thread or process runs: text in, text out, so a large job crosses a
     process boundary as one string rather than as many small objects. Input in the layout of
-    ``items_json`` (one object per line) is parsed and transformed a batch at a time, and
-    before each batch ``should_stop`` is asked whether to give up (raising FlowStopped).
+    ``items_json`` (one object per line) is parsed and transformed a batch at a time; before
+    each batch ``should_stop`` is asked whether to give up (raising FlowStopped), and after
+    each ``on_progress`` is told how many objects are done.
     """
     parts: list[str] = []
     offset = 0
@@ -191,6 +200,7 @@ def expand_reduce_json(input_json: str, should_stop: Callable[[], bool] = never)
         if merged:
             parts.append(orjson.dumps(merged).decode()[1:-1])
         offset += len(items)
+        on_progress(offset)
     return _bracketed(parts, ",")
 
 

@@ -20,14 +20,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from app.capacity import Capacity, Turn
 from app.config import Settings
 from app.flow import FlowStopped, KeyCollisionError
 from app.jobs import Claim
-from app.store import JobStore, StoreError
-from app.workers import CpuWorkers, FlowStop, WorkerCrashedError
+from app.store import (
+    CANCELLED_ERROR,
+    CancelResult,
+    Idempotency,
+    JobStore,
+    Replayed,
+    StoreError,
+)
+from app.workers import CpuWorkers, FlowControl, WorkerCrashedError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ class JobRunner:
         self._settings = settings
         self._capacity = Capacity(settings.flow_concurrency, max(1, settings.flow_processes))
         # The flows running now, by claim, so they can be asked to stop.
-        self._runs: dict[Claim, FlowStop] = {}
+        self._runs: dict[Claim, FlowControl] = {}
         # Turns of jobs accepted claimed, kept until their background task starts them.
         self._unstarted: dict[Claim, Turn] = {}
         # Claims held with no run, seen by the last heartbeat: a second sighting is an orphan.
@@ -103,22 +110,77 @@ class JobRunner:
             self._store.stop_claiming()
             self._drain_deadline = time.monotonic() + self._settings.shutdown_timeout_seconds
 
-    async def accept(self, job_id: str, input_json: str) -> Accepted:
-        """Store a new job, claimed for this process if a turn is free; return once committed."""
+    @overload
+    async def accept(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: None = None,
+    ) -> Accepted: ...
+
+    @overload
+    async def accept(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: Idempotency | None = None,
+    ) -> Accepted | Replayed: ...
+
+    async def accept(
+        self,
+        job_id: str,
+        input_json: str,
+        *,
+        total_items: int = 0,
+        tenant: str = "",
+        idempotency: Idempotency | None = None,
+    ) -> Accepted | Replayed:
+        """Store a new job, claimed for this process if a turn is free; return once committed.
+
+        A submission repeating an earlier one (same idempotency key and request) stores
+        nothing and comes back as that job (``Replayed``).
+        """
         large = len(input_json) >= self._settings.flow_process_threshold_bytes
         turn = None if self._draining else self._capacity.try_take(large=large)
         try:
-            claim = await self._store.create_job(job_id, input_json, claimed=turn is not None)
+            stored = await self._store.create_job(
+                job_id,
+                input_json,
+                claimed=turn is not None,
+                total_items=total_items,
+                tenant=tenant,
+                idempotency=idempotency,
+            )
         except BaseException:
             if turn is not None:
                 turn.release()
             raise
-        if turn is not None:
-            if claim.is_reservation:  # the store took no claim: draining
+        if isinstance(stored, Replayed) or stored.is_reservation:
+            if turn is not None:  # not needed: a replay, or the store took no claim (draining)
                 turn.release()
-            else:
-                self._unstarted[claim] = turn
-        return Accepted(claim, None if large else input_json, large)
+            return stored if isinstance(stored, Replayed) else Accepted(stored, None, large)
+        if turn is not None:
+            self._unstarted[stored] = turn
+        return Accepted(stored, None if large else input_json, large)
+
+    async def cancel(self, job_id: str, *, tenant: str) -> CancelResult:
+        """Cancel a job; a run of it here is asked to stop at once.
+
+        A run of it in another process stops at that process's next heartbeat, which finds
+        the job's lease gone.
+        """
+        result = await self._store.cancel_job(job_id, tenant=tenant)
+        if result is CancelResult.CANCELLED:
+            for claim, control in self._runs.items():
+                if claim.job_id == job_id:
+                    control.stop()
+        return result
 
     async def run_expand_reduce_flow(self, accepted: Accepted) -> None:
         """Run a just-submitted job: what the submission's background task calls.
@@ -164,7 +226,6 @@ class JobRunner:
         offered = (reserved.slots, reserved.lanes)
         try:
             swept = await self._store.sweep(slots=reserved.slots, lanes=reserved.lanes)
-            self._stop_lost(swept.lost)
             claimed = [(claim, reserved.turn(large=True)) for claim in swept.large]
             claimed += [(claim, reserved.turn(large=False)) for claim in swept.small]
         finally:
@@ -178,21 +239,37 @@ class JobRunner:
         for claim, turn in claimed:
             logger.info("job %s: recovered, attempt %d", claim.job_id, claim.attempt)
             self._spawn(self._execute(claim, turn, None))
+        await self._stop_lost(swept.lost)
 
     async def heartbeat(self) -> None:
-        """Renew the leases of every claim held; stop the runs whose leases were lost."""
-        self._stop_lost(await self._store.renew())
+        """Renew every claim's lease, record the runs' progress, stop runs whose lease is lost."""
+        progress = {claim: run.done_items for claim, run in self._runs.items() if run.done_items}
+        await self._stop_lost(await self._store.renew(progress))
         await self._release_orphans()
 
-    def _stop_lost(self, lost: Iterable[Claim]) -> None:
+    async def _stop_lost(self, lost: Iterable[Claim]) -> None:
+        """Stop the runs of claims whose lease is gone, then say why."""
+        lost = list(lost)
         for claim in lost:
-            logger.warning(
-                "job %s: attempt %d lost its lease; another process may run it",
-                claim.job_id,
-                claim.attempt,
-            )
-            if (stop := self._runs.get(claim)) is not None:
-                stop.set()
+            if (control := self._runs.get(claim)) is not None:
+                control.stop()
+        for claim in lost:
+            await self._say_lost(claim, "another process may run it")
+
+    async def _say_lost(self, claim: Claim, consequence: str) -> None:
+        """Log a lost lease: a warning, unless the job was cancelled (that is expected)."""
+        with contextlib.suppress(StoreError):
+            job = await self._store.get_job(claim.job_id)
+            if job is None or job.error == CANCELLED_ERROR:
+                logger.info(
+                    "job %s: attempt %d stopped: the job was cancelled or deleted",
+                    claim.job_id,
+                    claim.attempt,
+                )
+                return
+        logger.warning(
+            "job %s: attempt %d lost its lease; %s", claim.job_id, claim.attempt, consequence
+        )
 
     async def _release_orphans(self) -> None:
         """Release claims held twice in a row with nothing running them.
@@ -212,15 +289,15 @@ class JobRunner:
 
     async def _execute(self, claim: Claim, turn: Turn, input_json: str | None) -> None:
         """Run one claimed attempt and record its outcome, then give the turn back."""
-        stop = FlowStop()
-        self._runs[claim] = stop
+        control = FlowControl()
+        self._runs[claim] = control
         deadline = time.monotonic() + self._settings.job_timeout_seconds
         try:
-            outcome = await self._run(claim, input_json, stop)
+            outcome = await self._run(claim, input_json, control)
             if outcome is not None:
                 await self._record(claim, outcome, deadline)
         except asyncio.CancelledError:
-            stop.set()  # the flow gives up at its next batch; stop() releases the claim
+            control.stop()  # the flow gives up at its next batch; stop() releases the claim
             raise
         finally:
             del self._runs[claim]
@@ -228,14 +305,16 @@ class JobRunner:
             if self._backlog:
                 self._sweep_now.set()
 
-    async def _run(self, claim: Claim, input_json: str | None, stop: FlowStop) -> Outcome | None:
+    async def _run(
+        self, claim: Claim, input_json: str | None, control: FlowControl
+    ) -> Outcome | None:
         """The attempt's outcome, or None if it should not be recorded (its claim was lost)."""
         timeout = self._settings.job_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                return await self._compute(claim, input_json, stop)
+                return await self._compute(claim, input_json, control)
         except TimeoutError:
-            stop.set()
+            control.stop()
             logger.error(
                 "job %s: attempt %d timed out after %g s", claim.job_id, claim.attempt, timeout
             )
@@ -243,6 +322,11 @@ class JobRunner:
                 None, f"timed out: the job ran longer than JOB_TIMEOUT_SECONDS ({timeout:g} s)"
             )
         except FlowStopped:
+            logger.info(
+                "job %s: attempt %d stopped before finishing; its outcome is not recorded",
+                claim.job_id,
+                claim.attempt,
+            )
             return None
         except StoreError as error:
             logger.error(
@@ -251,13 +335,13 @@ class JobRunner:
             await self._give_up(claim)
             return None
 
-    async def _compute(self, claim: Claim, input_json: str | None, stop: FlowStop) -> Outcome:
+    async def _compute(self, claim: Claim, input_json: str | None, control: FlowControl) -> Outcome:
         if input_json is None:
             input_json = await self._store.load_input(claim.job_id)
             if input_json is None:
                 return Outcome(None, "the job's input is missing")
         try:
-            return Outcome(await self._workers.run_flow(input_json, stop), None)
+            return Outcome(await self._workers.run_flow(input_json, control), None)
         except KeyCollisionError as error:
             return Outcome(None, f"ExpandReduceFlow failed: {error}")
         except WorkerCrashedError as error:
@@ -297,11 +381,7 @@ class JobRunner:
                 delay = min(delay * 2, RECORD_RETRY_MAX_SECONDS)
                 continue
             if not landed:
-                logger.warning(
-                    "job %s: attempt %d lost its lease; its outcome was discarded",
-                    claim.job_id,
-                    claim.attempt,
-                )
+                await self._say_lost(claim, "its outcome was discarded")
             return
 
     async def _fail_unrecorded(self, claim: Claim, outcome: Outcome, error: StoreError) -> None:

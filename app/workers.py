@@ -40,23 +40,37 @@ class WorkerCrashedError(RuntimeError):
     """The worker process died while running a task (killed, or out of memory)."""
 
 
-class FlowStop:
-    """Asks one running flow to stop at its next batch boundary; it is never forced."""
+class FlowControl:
+    """One running flow: how many objects it has done; asking it to stop.
+
+    A flow stops at its next batch boundary once asked; it is never forced.
+    """
 
     def __init__(self) -> None:
         self._stopped = False
         self._hooks: list[Callable[[], None]] = []
+        self._done = 0
+        self._read_done: Callable[[], int] | None = None
 
-    def set(self) -> None:
+    def stop(self) -> None:
         """Ask the flow to stop (once is enough; later calls do nothing)."""
         if not self._stopped:
             self._stopped = True
             for hook in self._hooks:
                 hook()
 
-    def is_set(self) -> bool:
+    def stopped(self) -> bool:
         """Whether the flow has been asked to stop (read by the flow's own thread)."""
         return self._stopped
+
+    @property
+    def done_items(self) -> int:
+        """How many of its objects the flow has done so far (counted a batch at a time)."""
+        return self._read_done() if self._read_done is not None else self._done
+
+    def count_done(self, done_items: int) -> None:
+        """Called by the flow, on its own thread, after each batch."""
+        self._done = done_items
 
     def _forward(self, hook: Callable[[], None]) -> Callable[[], None]:
         """Call ``hook`` when asked to stop (now, if already asked); return its remover."""
@@ -66,8 +80,10 @@ class FlowStop:
         return partial(self._hooks.remove, hook)
 
 
-# In a worker process: one stop flag per flow the parent may run there at once.
+# In a worker process: per flow the parent may run there at once, a stop flag and a count of
+# the objects done, in shared memory.
 _stop_flags: "SynchronizedArray[Any] | None" = None
+_done_counts: "SynchronizedArray[Any] | None" = None
 
 
 class CpuWorkers:
@@ -81,6 +97,7 @@ class CpuWorkers:
         # so that many stop flags are enough; a flow without one cannot be stopped early.
         context = multiprocessing.get_context("spawn")
         self._stop_flags = context.Array("b", max(processes, 1)) if processes else None
+        self._done_counts = context.Array("q", max(processes, 1)) if processes else None
         self._free_flags = list(range(processes))
         # Without worker processes, large payloads take turns on one thread of their own: one
         # large payload's memory at a time, in one malloc arena that is trimmed after each.
@@ -110,37 +127,45 @@ class CpuWorkers:
             self._discard(pool)
             raise WorkerCrashedError("the worker process died while running this task") from error
 
-    async def run_flow(self, input_json: str, stop: FlowStop | None = None) -> str:
+    async def run_flow(self, input_json: str, control: FlowControl | None = None) -> str:
         """Run ExpandReduceFlow on a job's input JSON; return its result JSON.
 
-        A large one gives up at its next batch boundary once ``stop`` is set (raising
-        FlowStopped); a small one is over in milliseconds and always runs to the end.
+        A large one reports its progress to ``control`` a batch at a time, and gives up at
+        its next batch boundary once asked to stop (raising FlowStopped); a small one is over
+        in milliseconds and always runs to the end, its progress counted when it is done.
         """
         if self._is_large(input_json):
-            if stop is None:
+            if control is None:
                 return await self.run(expand_reduce_json, input_json)
             if self._processes == 0:
-                return await self.run(
-                    partial(expand_reduce_json, should_stop=stop.is_set), input_json
+                flow = partial(
+                    expand_reduce_json,
+                    should_stop=control.stopped,
+                    on_progress=control.count_done,
                 )
-            return await self._run_stoppable_in_process(input_json, stop)
+                return await self.run(flow, input_json)
+            return await self._run_controlled_in_process(input_json, control)
         outcome = await self._small_flows.submit(input_json)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    async def _run_stoppable_in_process(self, input_json: str, stop: FlowStop) -> str:
-        flags = self._stop_flags
-        if flags is None or not self._free_flags:  # cannot happen with one flow per lane
-            return await self.run(partial(_flow_in_worker, flag=-1), input_json)
-        index = self._free_flags.pop()
-        flags[index] = 0
-        forget = stop._forward(partial(flags.__setitem__, index, 1))
+    async def _run_controlled_in_process(self, input_json: str, control: FlowControl) -> str:
+        flags, counts = self._stop_flags, self._done_counts
+        if flags is None or counts is None or not self._free_flags:  # one flow per lane
+            return await self.run(partial(_flow_in_worker, slot=-1), input_json)
+        slot = self._free_flags.pop()
+        flags[slot], counts[slot] = 0, 0
+        forget = control._forward(partial(flags.__setitem__, slot, 1))
+        control._read_done = lambda: int(counts[slot])
         try:
-            return await self.run(partial(_flow_in_worker, flag=index), input_json)
+            return await self.run(partial(_flow_in_worker, slot=slot), input_json)
         finally:
-            forget()  # the flag may go to another flow now: this stop must not reach it
-            self._free_flags.append(index)
+            # The slot may go to another flow now: this control must not reach it any more.
+            forget()
+            control._read_done = None
+            control.count_done(counts[slot])
+            self._free_flags.append(slot)
 
     def _is_large(self, payload: str | bytes) -> bool:
         return len(payload) >= self._threshold
@@ -157,7 +182,7 @@ class CpuWorkers:
                 self._processes,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(os.getpid(), self._stop_flags),
+                initargs=(os.getpid(), self._stop_flags, self._done_counts),
             )
         return self._pool
 
@@ -217,23 +242,29 @@ def _then_trim(function: Callable[[Payload], T], payload: Payload) -> T:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _start_worker(parent_pid: int, stop_flags: "SynchronizedArray[Any] | None") -> None:
-    global _stop_flags
-    _stop_flags = stop_flags
+def _start_worker(
+    parent_pid: int,
+    stop_flags: "SynchronizedArray[Any] | None",
+    done_counts: "SynchronizedArray[Any] | None",
+) -> None:
+    global _stop_flags, _done_counts
+    _stop_flags, _done_counts = stop_flags, done_counts
     return_large_buffers_to_the_system()
     exit_with_parent(parent_pid)
 
 
-def _flow_in_worker(input_json: str, flag: int) -> str:
-    """In a worker process: the flow, stopping early once the parent sets its flag."""
-    flags = _stop_flags
-    if flags is None or flag < 0:
+def _flow_in_worker(input_json: str, slot: int) -> str:
+    """In a worker process: the flow, with progress and stop going through shared memory."""
+    flags, counts = _stop_flags, _done_counts
+    if flags is None or counts is None or slot < 0:
         return expand_reduce_json(input_json)
 
     def should_stop() -> bool:
-        return bool(flags[flag])
+        return bool(flags[slot])
 
-    return expand_reduce_json(input_json, should_stop=should_stop)
+    return expand_reduce_json(
+        input_json, should_stop=should_stop, on_progress=partial(counts.__setitem__, slot)
+    )
 
 
 def exit_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:

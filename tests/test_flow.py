@@ -26,7 +26,7 @@ from app.flow import (
     items_json,
     reduce,
 )
-from app.workers import CpuWorkers, FlowStop
+from app.workers import CpuWorkers, FlowControl
 
 scalars = st.one_of(
     st.text(max_size=5),
@@ -240,12 +240,13 @@ async def test_a_large_flow_asked_to_stop_stops_on_its_thread_or_in_its_process(
     workers.start()
     try:
         big = items_json([{"a": str(i), "b": "x", "c": "y"} for i in range(60_000)])
-        stop = FlowStop()
-        stop.set()
+        stop = FlowControl()
+        stop.stop()
         with pytest.raises(FlowStopped):
             await workers.run_flow(big, stop)
         # Not stopped: the same worker runs the next flow to the end.
-        assert orjson.loads(await workers.run_flow(items_json([{"a": "1", "b": "2"}]), FlowStop()))
+        again = await workers.run_flow(items_json([{"a": "1", "b": "2"}]), FlowControl())
+        assert orjson.loads(again)
     finally:
         workers.close()
 
@@ -254,12 +255,12 @@ async def test_stopping_a_finished_worker_process_flow_does_not_stop_the_next_on
     workers = CpuWorkers(processes=1, threshold_bytes=1)
     workers.start()
     try:
-        first = FlowStop()
+        first = FlowControl()
         assert orjson.loads(await workers.run_flow(items_json([{"a": "1"}]), first))
         second = items_json([{"a": str(i), "b": "x"} for i in range(50_000)])
-        running = asyncio.create_task(workers.run_flow(second, FlowStop()))
+        running = asyncio.create_task(workers.run_flow(second, FlowControl()))
         await asyncio.sleep(0)  # one step: the second flow has its flag and is on its way
-        first.set()  # e.g. the first run's lease was lost while its outcome was recorded
+        first.stop()  # e.g. the first run's lease was lost while its outcome was recorded
         assert len(orjson.loads(await running)) == 50_000
     finally:
         workers.close()

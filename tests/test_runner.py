@@ -7,7 +7,7 @@ the runner and the store never know the difference.
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -16,8 +16,8 @@ import pytest
 from app.config import Settings
 from app.jobs import Claim, JobStatus
 from app.runner import Accepted, JobRunner
-from app.store import JobStore, StoreUnavailableError
-from app.workers import CpuWorkers, FlowStop
+from app.store import CANCELLED_ERROR, CancelResult, JobStore, StoreUnavailableError
+from app.workers import CpuWorkers, FlowControl
 from tests.support import (
     FakeClock,
     FaultyDatabase,
@@ -42,10 +42,10 @@ class GatedWorkers(CpuWorkers):
         self.gate.set()
         self.started: list[str] = []
         self.running = asyncio.Event()
-        self.stops: list[FlowStop | None] = []
+        self.stops: list[FlowControl | None] = []
         self.explode_on: str | None = None
 
-    async def run_flow(self, input_json: str, stop: FlowStop | None = None) -> str:
+    async def run_flow(self, input_json: str, stop: FlowControl | None = None) -> str:
         self.started.append(input_json)
         self.stops.append(stop)
         self.running.set()
@@ -71,9 +71,9 @@ class SpyStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def renew(self) -> set[Claim]:
+    async def renew(self, progress: Mapping[Claim, int] | None = None) -> set[Claim]:
         self.renewing.set()
-        return await self._store.renew()
+        return await self._store.renew(progress)
 
     async def finish(self, claim: Claim, *, output_json: str | None, error: str | None) -> bool:
         self.finishing.set()
@@ -283,7 +283,7 @@ async def test_stop_hands_back_running_and_waiting_jobs_for_the_next_process_at_
     await runner.stop()
     [stop] = workers.stops  # B never started
     assert stop is not None
-    assert stop.is_set()  # A's flow was asked to stop
+    assert stop.stopped()  # A's flow was asked to stop
     assert leases(database) == {A: (None, 1), B: (None, 0)}
     clock.advance(0.001)  # neither A's lease nor B's grace time has run out
     async with opened_store(settings, clock, "next") as successor:
@@ -397,7 +397,7 @@ async def test_a_lost_lease_stops_the_flow_and_its_outcome_is_discarded(
     await runner.heartbeat()
     [stop] = workers.stops
     assert stop is not None
-    assert stop.is_set()
+    assert stop.stopped()
     workers.gate.set()
     await runner.stop()
     assert "attempt 1 lost its lease" in caplog.text
@@ -416,7 +416,7 @@ async def test_a_run_past_the_job_timeout_fails_saying_so_and_its_flow_is_asked_
     assert error == "timed out: the job ran longer than JOB_TIMEOUT_SECONDS (0.05 s)"
     [stop] = workers.stops
     assert stop is not None
-    assert stop.is_set()
+    assert stop.stopped()
     await runner.stop()
 
 
@@ -493,3 +493,87 @@ async def test_recovered_jobs_are_logged_at_info(
     await final(store, A)
     await runner.stop()
     assert f"job {A}: recovered, attempt 2" in caplog.text
+
+
+# Cancel.
+
+
+async def test_a_job_cancelled_while_it_waits_for_a_turn_never_starts(
+    store: JobStore, settings: Settings, workers: GatedWorkers, database: FreshDatabase
+) -> None:
+    runner = make_runner(store, settings, workers, flow_concurrency=1)
+    workers.hold()
+    await submit(runner, A, [{"a": "1"}])
+    await workers.running.wait()
+    await submit(runner, B, [{"b": "1"}])  # no turn free: it waits, reserved
+    assert await runner.cancel(B, tenant="") is CancelResult.CANCELLED
+    workers.gate.set()
+    assert await final(store, A) == (JobStatus.COMPLETED, [{"a": "1"}], None)
+    await runner.sweep()
+    await runner.stop()
+    assert workers.started == ['[{"a":"1"}]']
+    assert await final(store, B) == (JobStatus.FAILED, None, CANCELLED_ERROR)
+    assert leases(database) == {}
+
+
+async def test_a_cancelled_run_stops_at_its_next_batch_and_records_nothing(
+    store: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    database: FreshDatabase,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    database.record_finishes()
+    runner = make_runner(store, settings, workers)
+    workers.hold()
+    await submit(runner, A, [{"a": f"value-{n:08}"} for n in range(20_000)])  # large: batched
+    await workers.running.wait()
+    assert await runner.cancel(A, tenant="") is CancelResult.CANCELLED
+    [control] = workers.stops
+    assert control is not None
+    assert control.stopped()
+    workers.gate.set()
+    await runner.stop()
+    assert await final(store, A) == (JobStatus.FAILED, None, CANCELLED_ERROR)
+    assert control.done_items == 0  # stopped before its first batch
+    assert "stopped before finishing" in caplog.text
+    assert "lost its lease" not in caplog.text
+    assert database.finishes() == {A: 1}
+
+
+async def test_a_run_cancelled_by_another_process_stops_at_its_heartbeat_quietly(
+    store: JobStore,
+    other: JobStore,
+    settings: Settings,
+    workers: GatedWorkers,
+    database: FreshDatabase,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    database.record_finishes()
+    runner = await running_a(store, settings, workers)
+    assert await other.cancel_job(A, tenant="") is CancelResult.CANCELLED
+    [control] = workers.stops
+    assert control is not None
+    assert not control.stopped()
+    await runner.heartbeat()
+    assert control.stopped()
+    workers.gate.set()
+    await runner.stop()
+    assert await final(store, A) == (JobStatus.FAILED, None, CANCELLED_ERROR)
+    assert "the job was cancelled" in caplog.text
+    assert "lost its lease" not in caplog.text
+    assert database.finishes() == {A: 1}
+
+
+async def test_a_result_that_arrives_after_the_cancel_is_discarded(
+    store: JobStore, other: JobStore, database: FreshDatabase
+) -> None:
+    database.record_finishes()
+    claim = await store.create_job(A, "[{}]", claimed=True)
+    assert await other.cancel_job(A, tenant="") is CancelResult.CANCELLED
+    assert await store.finish(claim, output_json="[{}]", error=None) is False
+    assert await final(store, A) == (JobStatus.FAILED, None, CANCELLED_ERROR)
+    assert await other.cancel_job(A, tenant="") is CancelResult.FINISHED
+    assert database.finishes() == {A: 1}
