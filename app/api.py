@@ -1,31 +1,56 @@
 """The HTTP routes: thin — check the request, call the store or the runner, shape the answer."""
 
+import base64
+import binascii
+import hashlib
 import logging
 import re
 import uuid
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import orjson
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from app.api_docs import (
+    CANCEL_DOCS,
+    DELETE_DOCS,
+    LIST_DOCS,
+    RESULT_DOCS,
+    STATUS_DOCS,
+    SUBMIT_DOCS,
+    UNAVAILABLE_DOC,
+    WAIT_PARAMETER,
+)
+from app.auth import ApiKeys
 from app.config import Settings
 from app.jobs import JobStatus
 from app.runner import JobRunner
 from app.schemas import (
     EXAMPLE_JOB_ID,
-    ErrorResponse,
     InvalidJobRequestError,
     InvalidJSONError,
+    JobListResponse,
+    ParsedJob,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
-    ValidationErrorResponse,
     parse_job_request,
 )
-from app.store import JobRecord, JobStore
+from app.store import (
+    CancelResult,
+    Cursor,
+    DeleteResult,
+    Idempotency,
+    IdempotencyKeyReusedError,
+    JobRecord,
+    JobStore,
+    QueueFullError,
+    Replayed,
+)
+from app.waiters import StatusWaiters
 from app.workers import CpuWorkers
 
 logger = logging.getLogger(__name__)
@@ -34,6 +59,9 @@ SUBMIT_PATH = "/expand_reduce_flow/"
 UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 # Bodies below this are parsed on the event loop: that takes less time than handing them over.
 INLINE_PARSE_MAX_BYTES = 64 * 1024
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+MAX_WAIT_SECONDS = 30.0
+QUEUE_FULL_RETRY_AFTER = "2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +72,8 @@ class Services:
     store: JobStore
     runner: JobRunner
     workers: CpuWorkers
+    keys: ApiKeys
+    waiters: StatusWaiters
 
 
 def services_of(request: Request) -> Services:
@@ -55,51 +85,6 @@ def services_of(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
-
-def _error_doc(description: str, detail: Any) -> dict[str, Any]:
-    return {
-        "description": description,
-        "model": ErrorResponse,
-        "content": {"application/json": {"example": {"detail": detail}}},
-    }
-
-
-NOT_FOUND_DOC = _error_doc("No job has this id", f"Job {EXAMPLE_JOB_ID} not found")
-UNAVAILABLE_DOC = _error_doc(
-    "The database cannot take the request now, or the service is shutting down; "
-    "retry after Retry-After seconds",
-    "The job store is unavailable (the database is busy); retry shortly",
-)
-UNAVAILABLE_DOC["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying"}}
-SUBMIT_ERROR_DOCS: dict[int | str, dict[str, Any]] = {
-    400: _error_doc(
-        "The body is not JSON",
-        "Request body is not valid JSON: unexpected end of data: line 1 column 9 (char 8)",
-    ),
-    413: _error_doc(
-        "The body is larger than MAX_BODY_BYTES", "Request body exceeds 16777216 bytes"
-    ),
-    415: _error_doc("The body is not sent as JSON", "Content-Type must be application/json"),
-    422: {
-        "description": "The body is JSON but not a valid job; each error names its place",
-        "model": ValidationErrorResponse,
-        "content": {
-            "application/json": {
-                "example": {
-                    "detail": [
-                        {
-                            "type": "scalar_type",
-                            "loc": ["body", "job", "input_data", 0, "key1"],
-                            "msg": "Value should be a string, number, boolean or null, "
-                            "not an object",
-                        }
-                    ]
-                }
-            }
-        },
-    },
-    503: UNAVAILABLE_DOC,
-}
 
 router = APIRouter()
 
@@ -115,43 +100,78 @@ async def root() -> RedirectResponse:
     status_code=202,
     response_model=SubmitResponse,
     summary="Submit a job",
-    responses={
-        202: {
-            "description": "Accepted and stored; Location points at its status",
-            "headers": {"Location": {"description": "/check_status/{job_id}"}},
-        },
-        **SUBMIT_ERROR_DOCS,
+    responses=SUBMIT_DOCS,
+    openapi_extra={
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "Up to 255 printable characters. Sent again with the same "
+                "body (within JOB_RETENTION_SECONDS), the answer is the job it first made.",
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 255,
+                    "pattern": "^[\\x20-\\x7e]+$",
+                },
+            }
+        ]
     },
 )
 async def submit_job(request: Request) -> Response:
     """Store a job and start ExpandReduceFlow on it; answer only once the job is committed."""
     services = services_of(request)
     settings, runner = services.settings, services.runner
+    tenant = services.keys.tenant_of(request)
     _require_accepting(runner)
     _require_json_content_type(request)
+    key = _idempotency_key(request)
     body = await _read_body(request, settings.max_body_bytes)
     try:
         if len(body) < INLINE_PARSE_MAX_BYTES:
-            input_json = parse_job_request(body, settings.limits)
+            parsed = parse_job_request(body, settings.limits)
         else:
             parse = partial(parse_job_request, limits=settings.limits)
-            input_json = await services.workers.run(parse, body)
+            parsed = await services.workers.run(parse, body)
     except InvalidJSONError as error:
         raise HTTPException(400, str(error)) from None
     except InvalidJobRequestError as error:
         return JSONResponse({"detail": error.errors}, status_code=422)
     del body  # megabytes for a large job; not needed while the job is stored and run
     _require_accepting(runner)  # shutdown may have begun while the body was read
-    job_id = str(uuid.uuid4())
-    accepted = await runner.accept(job_id, input_json)
+    idempotency = None if key is None else Idempotency(key, await _hash(services, parsed))
+    try:
+        accepted = await runner.accept(
+            str(uuid.uuid4()),
+            parsed.input_json,
+            total_items=parsed.items,
+            tenant=tenant,
+            idempotency=idempotency,
+        )
+    except QueueFullError as error:
+        raise HTTPException(
+            429, str(error), headers={"Retry-After": QUEUE_FULL_RETRY_AFTER}
+        ) from None
+    except IdempotencyKeyReusedError as error:
+        problem = {"type": "idempotency_key_reused", "loc": ["header", "Idempotency-Key"]}
+        return JSONResponse({"detail": [problem | {"msg": str(error)}]}, status_code=422)
+    if isinstance(accepted, Replayed):
+        return _accepted(accepted.job_id, {"Idempotent-Replayed": "true"})
     # As the seed describes: once answered, a background task runs run_expand_reduce_flow.
     # Built here rather than declared as a dependency, which would cost a tenth of a request.
     background = BackgroundTasks()
     background.add_task(runner.run_expand_reduce_flow, accepted)
+    return _accepted(accepted.claim.job_id, background=background)
+
+
+def _accepted(
+    job_id: str, headers: dict[str, str] | None = None, background: BackgroundTasks | None = None
+) -> Response:
     return Response(
         orjson.dumps({"job_id": job_id}),
         status_code=202,
-        headers={"Location": f"/check_status/{job_id}"},
+        headers={"Location": f"/check_status/{job_id}", **(headers or {})},
         media_type="application/json",
         background=background,
     )
@@ -168,72 +188,52 @@ router.add_api_route(
     "/check_status/{job_id}",
     response_model=StatusResponse,
     summary="Check a job's status",
-    responses={404: NOT_FOUND_DOC, 503: UNAVAILABLE_DOC},
+    responses=STATUS_DOCS,
+    openapi_extra={"parameters": [WAIT_PARAMETER]},
 )
 async def check_status(job_id: str, request: Request) -> Response:
-    """Say whether the job is processing, completed or failed."""
-    job = await _find_job(services_of(request).store, job_id)
+    """Say whether the job is processing, completed or failed; ?wait=N waits up to N s."""
+    services = services_of(request)
+    tenant = services.keys.tenant_of(request)
+    wait = _wait_seconds(request)
+    job = await _find_job(services.store, job_id, tenant)
+    if (
+        wait
+        and job.status is JobStatus.PROCESSING
+        and await services.waiters.wait(job.job_id, wait)
+    ):
+        job = await _find_job(services.store, job_id, tenant)
+    return Response(orjson.dumps(_status_of(job)), media_type="application/json")
+
+
+def _status_of(job: JobRecord) -> dict[str, Any]:
     # The hottest route: serialised straight from the stored fields, which already have the
     # StatusResponse shape, rather than validated into a model and serialised from it.
-    status = {
+    status: dict[str, Any] = {
         "job_id": job.job_id,
         "status": job.status.value,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
     }
-    return Response(orjson.dumps(status), media_type="application/json")
+    if job.progress is not None and job.status is JobStatus.PROCESSING:
+        status["progress"] = {
+            "done_items": job.progress.done_items,
+            "total_items": job.progress.total_items,
+        }
+    return status
 
 
 @router.get(
     "/job_result/{job_id}",
     response_model=ResultResponse,
     summary="Retrieve a job's result",
-    responses={
-        200: {
-            "description": "The job has finished: its result, or its error if it failed",
-            "content": {
-                "application/json": {
-                    "examples": {
-                        "completed": {
-                            "value": ResultResponse.model_config["json_schema_extra"]["example"]  # type: ignore[index]
-                        },
-                        "failed": {
-                            "value": {
-                                "job_id": EXAMPLE_JOB_ID,
-                                "status": "failed",
-                                "result": None,
-                                "error": "ExpandReduceFlow failed: input_data[0]: output key "
-                                "'a x' would be written twice; merging would silently "
-                                "overwrite a value",
-                            }
-                        },
-                    }
-                }
-            },
-        },
-        202: {
-            "description": "Still processing; retry after Retry-After seconds",
-            "model": ResultResponse,
-            "headers": {"Retry-After": {"description": "Seconds to wait before asking again"}},
-            "content": {
-                "application/json": {
-                    "example": {
-                        "job_id": EXAMPLE_JOB_ID,
-                        "status": "processing",
-                        "result": None,
-                        "error": None,
-                    }
-                }
-            },
-        },
-        404: NOT_FOUND_DOC,
-        503: UNAVAILABLE_DOC,
-    },
+    responses=RESULT_DOCS,
 )
 async def job_result(job_id: str, request: Request) -> Response:
     """Return the result of a completed job, the error of a failed one, or 202 meanwhile."""
     services = services_of(request)
-    job = await _find_job(services.store, job_id, with_output=True)
+    tenant = services.keys.tenant_of(request)
+    job = await _find_job(services.store, job_id, tenant, with_output=True)
     if job.status is JobStatus.COMPLETED and job.output_data is not None:
         # The stored result is already JSON: splice it in rather than parse and re-serialise it.
         head = f'{{"job_id":"{job.job_id}","status":"completed","result":'
@@ -246,6 +246,93 @@ async def job_result(job_id: str, request: Request) -> Response:
             content.model_dump(), status_code=202, headers={"Retry-After": retry_after}
         )
     return JSONResponse(content.model_dump())
+
+
+@router.get(
+    "/jobs",
+    response_model=JobListResponse,
+    summary="List jobs, newest first",
+    responses=LIST_DOCS,
+)
+async def list_jobs(
+    request: Request,
+    status: Annotated[JobStatus | None, Query(description="Only jobs with this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most jobs on the page.")] = 100,
+    page_token: Annotated[
+        str | None,
+        Query(description="The next_page_token of the page before; none for the first page."),
+    ] = None,
+) -> Response:
+    """The jobs (of this API key), newest first, a page at a time; never their payloads.
+
+    Pages follow each other by keyset, so walking them while jobs are added neither repeats
+    nor skips a job that existed when the walk began.
+    """
+    services = services_of(request)
+    tenant = services.keys.tenant_of(request)
+    after = None if page_token is None else _decode_page_token(page_token)
+    found = await services.store.list_jobs(
+        tenant=tenant, status=status, limit=limit + 1, after=after
+    )
+    page, more = found[:limit], len(found) > limit
+    next_token = _encode_page_token((page[-1].created_at, page[-1].job_id)) if more else None
+    jobs = [
+        {
+            "job_id": job.job_id,
+            "status": job.status.value,
+            "created_at": job.created_at,
+            "updated_at": job.updated_at,
+        }
+        for job in page
+    ]
+    return Response(
+        orjson.dumps({"jobs": jobs, "next_page_token": next_token}),
+        media_type="application/json",
+    )
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    status_code=202,
+    response_model=StatusResponse,
+    summary="Cancel a job",
+    responses=CANCEL_DOCS,
+)
+async def cancel_job(job_id: str, request: Request) -> Response:
+    """Stop a processing job: it fails at once with "cancelled at the client's request".
+
+    A run of it still going stops at its next thousand objects; its result is discarded.
+    """
+    services = services_of(request)
+    tenant = services.keys.tenant_of(request)
+    job_id = _checked_job_id(job_id)
+    result = await services.runner.cancel(job_id, tenant=tenant)
+    job = await _find_job(services.store, job_id, tenant)
+    if result is CancelResult.FINISHED:
+        raise HTTPException(
+            409,
+            f"Job {job_id} has already finished ({job.status.value}); there is nothing to cancel",
+        )
+    return Response(orjson.dumps(_status_of(job)), status_code=202, media_type="application/json")
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=204,
+    summary="Delete a finished job",
+    responses=DELETE_DOCS,
+)
+async def delete_job(job_id: str, request: Request) -> Response:
+    """Remove a finished job: its row, input and result. A processing one is kept (409)."""
+    services = services_of(request)
+    tenant = services.keys.tenant_of(request)
+    job_id = _checked_job_id(job_id)
+    result = await services.store.delete_job(job_id, tenant=tenant)
+    if result is DeleteResult.NOT_FOUND:
+        _not_found(job_id)
+    if result is DeleteResult.PROCESSING:
+        raise HTTPException(409, f"Job {job_id} is still processing; cancel it first")
+    return Response(status_code=204)
 
 
 @router.get("/healthz", summary="Liveness", responses={200: {"description": "The process answers"}})
@@ -301,10 +388,84 @@ def _too_large(limit: int) -> NoReturn:
     raise HTTPException(413, f"Request body exceeds {limit} bytes")
 
 
-async def _find_job(store: JobStore, job_id: str, *, with_output: bool = False) -> JobRecord:
+def _checked_job_id(job_id: str) -> str:
+    """The id in its stored form (lower case); 404 for anything that is not a UUID."""
     if len(job_id) != 36 or not UUID_PATTERN.fullmatch(job_id):
         raise HTTPException(404, "Job not found: a job_id is a UUID like " + EXAMPLE_JOB_ID)
-    job = await store.get_job(job_id.lower(), with_output=with_output)
+    return job_id.lower()
+
+
+async def _find_job(
+    store: JobStore, job_id: str, tenant: str, *, with_output: bool = False
+) -> JobRecord:
+    job_id = _checked_job_id(job_id)
+    job = await store.get_job(job_id, with_output=with_output, tenant=tenant)
     if job is None:
-        raise HTTPException(404, f"Job {job_id} not found")
+        _not_found(job_id)
     return job
+
+
+def _not_found(job_id: str) -> NoReturn:
+    raise HTTPException(404, f"Job {job_id} not found or expired")
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise HTTPException(400, "Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return key
+
+
+async def _hash(services: Services, parsed: ParsedJob) -> str:
+    """The request's hash, for its idempotency key: of the validated input.
+
+    So the same job sent again with other spacing, say, is the same request.
+    """
+    if len(parsed.input_json) < INLINE_PARSE_MAX_BYTES:
+        return _sha256(parsed.input_json)
+    return await services.workers.run(_sha256, parsed.input_json)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _wait_seconds(request: Request) -> float:
+    """The ``wait`` query parameter: 0 to 30 seconds, 0 when absent.
+
+    Read by hand rather than declared: FastAPI's parameter handling would cost the hottest
+    route a tenth of its time. Errors have FastAPI's 422 shape all the same.
+    """
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:
+        problem = {
+            "type": "wait_range",
+            "loc": ["query", "wait"],
+            "msg": f"Input should be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}",
+        }
+        raise HTTPException(422, [problem])
+    return seconds
+
+
+def _encode_page_token(cursor: Cursor) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(list(cursor))).rstrip(b"=").decode()
+
+
+def _decode_page_token(token: str) -> Cursor:
+    try:
+        decoded = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError):
+        decoded = None
+    if (
+        not isinstance(decoded, list)
+        or len(decoded) != 2
+        or not all(isinstance(part, str) for part in decoded)
+    ):
+        raise HTTPException(400, "page_token is not a valid page token")
+    return decoded[0], decoded[1]

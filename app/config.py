@@ -1,8 +1,9 @@
 """Settings: one object, read from the environment once at startup."""
 
+from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.schemas import RequestLimits
@@ -12,6 +13,8 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A sweep (which also notices dead processes) runs at least this often by default.
 SWEEP_INTERVAL_DEFAULT_MAX = 2.0
+# Expired jobs are looked for a quarter of the retention apart, within these bounds.
+PURGE_INTERVAL_MIN, PURGE_INTERVAL_MAX = 0.5, 30.0
 
 
 def redact(url: str) -> str:
@@ -78,6 +81,31 @@ class Settings(BaseSettings):
     )
     job_timeout_seconds: float = Field(
         600.0, gt=0, description="How long one run of a job may take before it is failed."
+    )
+    job_retention_seconds: float = Field(
+        604_800.0,
+        gt=0,
+        description="How long a finished job (row, input and result) is kept; then it is "
+        "purged and its routes answer 404.",
+    )
+    max_queued_jobs: int = Field(
+        10_000,
+        gt=0,
+        description="Most unfinished jobs at once; past it submissions answer 429.",
+    )
+    long_poll_max_waiters: int = Field(
+        1_000,
+        ge=0,
+        description="Most check_status requests waiting (?wait=) at once in a process; past "
+        "it they answer at once.",
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys; when set (or API_KEYS_FILE), every job route "
+        "needs Authorization: Bearer <key>, and a job belongs to the key that submitted it.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of API keys, one per line (e.g. a mounted Secret)."
     )
     heartbeat_interval_seconds: float | None = Field(
         None,
@@ -158,6 +186,18 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _api_keys_readable(self) -> Self:
+        """Refuse key settings that would leave the service open by mistake."""
+        if self.api_keys is not None or self.api_keys_file is not None:
+            try:
+                keys = self.read_api_keys()
+            except OSError as error:
+                raise ValueError(f"API_KEYS_FILE cannot be read: {error}") from None
+            if not keys:
+                raise ValueError("API_KEYS / API_KEYS_FILE are set but hold no key")
+        return self
+
     @property
     def heartbeat_interval(self) -> float:
         """Seconds between lease renewals of running jobs."""
@@ -169,6 +209,19 @@ class Settings(BaseSettings):
         if self.sweep_interval_seconds is not None:
             return self.sweep_interval_seconds
         return min(self.job_lease_seconds / 2, SWEEP_INTERVAL_DEFAULT_MAX)
+
+    @property
+    def purge_interval(self) -> float:
+        """Seconds between looks for expired jobs: a quarter of the retention, 0.5 to 30 s."""
+        return min(PURGE_INTERVAL_MAX, max(PURGE_INTERVAL_MIN, self.job_retention_seconds / 4))
+
+    def read_api_keys(self) -> tuple[str, ...]:
+        """The API keys from API_KEYS and API_KEYS_FILE; none means the service is open."""
+        text = self.api_keys.get_secret_value() if self.api_keys is not None else ""
+        if self.api_keys_file is not None:
+            text += "\n" + self.api_keys_file.read_text()
+        keys = [key.strip() for line in text.splitlines() for key in line.split(",")]
+        return tuple(dict.fromkeys(key for key in keys if key))
 
     @property
     def limits(self) -> RequestLimits:

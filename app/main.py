@@ -19,11 +19,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
 
-from app import api
+from app import api, api_docs
+from app.auth import ApiKeys
 from app.config import Settings, redact
+from app.retention import Retention
 from app.runner import JobRunner
 from app.schemas import job_request_schema
 from app.store import StoreSetupError, StoreUnavailableError, make_store
+from app.waiters import StatusWaiters
 from app.workers import CpuWorkers, return_large_buffers_to_the_system
 
 logger = logging.getLogger("app")
@@ -35,6 +38,8 @@ DESCRIPTION = (
     "split in two halves by uniflow's ExpandOp and merged back pairwise by its ReduceOp."
 )
 SWAGGER_ASSETS = "/static/swagger-ui"
+# Paths open without an API key even when keys are on.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration is wrong (the settings, or the database file)
 EXIT_DATABASE_UNAVAILABLE = 69  # EX_UNAVAILABLE: the database could not be reached in time
 
@@ -92,6 +97,7 @@ def drain_on_signals(runner: JobRunner) -> Callable[[], None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the store opens and the runner starts only when the app starts."""
     settings = settings or load_settings()
+    keys = ApiKeys(settings.read_api_keys())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,8 +117,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         workers = CpuWorkers(settings.flow_processes, settings.flow_process_threshold_bytes)
         workers.start()
         runner = JobRunner(store, workers, settings)
-        app.state.services = api.Services(settings, store, runner, workers)
+        waiters = StatusWaiters(store, settings.long_poll_max_waiters)
+        app.state.services = api.Services(settings, store, runner, workers, keys, waiters)
         await runner.start()
+        retention = Retention(store, settings)
+        retention.start()
         restore_signals = drain_on_signals(runner)
         logger.info("serving jobs from %s as %s", redact(settings.database_url), runner.owner)
         try:
@@ -120,6 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             restore_signals()
             await runner.stop()
+            await retention.stop()
+            await waiters.close()
             workers.close()
             await store.close()
             logger.info("stopped")
@@ -150,7 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, settings)
+            app.openapi_schema = build_openapi(app, settings, keys.required)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -159,8 +170,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    """FastAPI's schema, plus the submission body (read by hand, so FastAPI cannot see it)."""
+def build_openapi(app: FastAPI, settings: Settings, keys_required: bool) -> dict[str, Any]:
+    """FastAPI's schema, with the submission body (read by hand, so FastAPI cannot see it).
+
+    With API keys on, the bearer scheme is on every job route (Swagger's Authorize button).
+    """
     schema = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
@@ -169,12 +183,26 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": job_request_schema(settings.limits)}},
     }
-    # The job_id routes answer a malformed id with 404; FastAPI documents a 422 they never send.
+    components = schema.setdefault("components", {})
     for path, operations in schema["paths"].items():
-        if "{job_id}" in path:
-            operations["get"]["responses"].pop("422", None)
-    schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
-    schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        for operation in operations.values():
+            # The job_id routes answer a malformed id with 404: FastAPI's own 422 is never sent.
+            default_422 = operation["responses"].get("422", {})
+            if "HTTPValidationError" in str(default_422):
+                del operation["responses"]["422"]
+            if keys_required and path not in OPEN_PATHS:
+                operation["security"] = [{"bearerAuth": []}]
+                operation["responses"]["401"] = api_docs.UNAUTHORIZED_DOC_SCHEMA
+    components.get("schemas", {}).pop("HTTPValidationError", None)
+    components.get("schemas", {}).pop("ValidationError", None)
+    if keys_required:
+        components["securitySchemes"] = {
+            "bearerAuth": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "One of the service's API keys (API_KEYS, API_KEYS_FILE)",
+            }
+        }
     return schema
 
 

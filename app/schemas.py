@@ -50,7 +50,15 @@ class InvalidJobRequestError(ValueError):
         self.errors = errors
 
 
-def parse_job_request(body: bytes, limits: RequestLimits) -> str:
+@dataclass(frozen=True, slots=True)
+class ParsedJob:
+    """A valid submission: its ``input_data`` as JSON text, one object a line, and their count."""
+
+    input_json: str
+    items: int
+
+
+def parse_job_request(body: bytes, limits: RequestLimits) -> ParsedJob:
     """Validate a submission body; return its ``input_data`` as JSON text, one object a line.
 
     Raises InvalidJSONError for a body that does not parse and InvalidJobRequestError, naming
@@ -60,7 +68,7 @@ def parse_job_request(body: bytes, limits: RequestLimits) -> str:
     # NUL can only reach a parsed string through the escape \u0000, so most bodies skip the
     # per-string search. (NUL is refused because it breaks C strings and PostgreSQL text.)
     input_data = _checked_input_data(document, limits, check_nul=b"\\u0000" in body)
-    return items_json(input_data)
+    return ParsedJob(items_json(input_data), len(input_data))
 
 
 def parse_json(body: bytes) -> Any:
@@ -225,6 +233,7 @@ EXAMPLE_RESULT: list[Any] = [{"1 5": "2 6", "3 7": "4 8"}, {"key1": "value1"}]
 EXAMPLE_JOB_ID = "3f1c2a9e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"
 EXAMPLE_TIME = "2026-11-28T11:37:39.123456Z"
 DATE_TIME: dict[str, Any] = {"format": "date-time"}
+JOB_ID: dict[str, Any] = {"format": "uuid", "example": EXAMPLE_JOB_ID}
 
 
 def job_request_schema(limits: RequestLimits) -> dict[str, Any]:
@@ -274,6 +283,13 @@ class SubmitResponse(BaseModel):
     job_id: str = Field(description="The job's id (a UUID 4); poll /check_status/{job_id}.")
 
 
+class ProgressResponse(BaseModel):
+    """How far a processing job's current run has got (counted a thousand objects at a time)."""
+
+    done_items: int = Field(ge=0)
+    total_items: int = Field(ge=0)
+
+
 class StatusResponse(BaseModel):
     """Where a job is."""
 
@@ -295,6 +311,45 @@ class StatusResponse(BaseModel):
     )
     updated_at: str = Field(
         description="When the job last changed (ISO 8601, UTC).", json_schema_extra=DATE_TIME
+    )
+    progress: ProgressResponse | None = Field(
+        None,
+        description="Only while processing: objects done so far (a small job may go from 0 "
+        "to done at once).",
+    )
+
+
+class JobSummaryResponse(BaseModel):
+    """A job in a list: where it is, never its payloads."""
+
+    job_id: str = Field(json_schema_extra=JOB_ID)
+    status: JobStatus
+    created_at: str = Field(json_schema_extra=DATE_TIME)
+    updated_at: str = Field(json_schema_extra=DATE_TIME)
+
+
+class JobListResponse(BaseModel):
+    """One page of jobs, newest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "jobs": [
+                    {
+                        "job_id": EXAMPLE_JOB_ID,
+                        "status": "completed",
+                        "created_at": EXAMPLE_TIME,
+                        "updated_at": EXAMPLE_TIME,
+                    }
+                ],
+                "next_page_token": "WyIyMDI2LTExLTI4VDExOjM3OjM5LjEyMzQ1NloiLCIzZjFjIl0",
+            }
+        }
+    )
+
+    jobs: list[JobSummaryResponse]
+    next_page_token: str | None = Field(
+        description="Pass as page_token for the next page; null on the last page."
     )
 
 

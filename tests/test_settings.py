@@ -2,9 +2,10 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from app.config import Settings
 from app.main import EXIT_CONFIG
@@ -78,3 +79,30 @@ def test_a_server_with_timings_that_do_not_fit_together_exits_78_saying_why() ->
 def test_a_sqlite_url_with_options_is_refused_when_settings_are_read() -> None:
     with pytest.raises(ValidationError, match=r"without \?options"):
         Settings(database_url="sqlite:///jobs.db?mode=ro")
+
+
+def test_api_keys_come_from_the_variable_and_the_file_together(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("from-file-1\n\n  from-file-2  \nshared\n")
+    settings = Settings(api_keys=SecretStr("k-one, k-two,shared"), api_keys_file=keys)
+    assert settings.read_api_keys() == ("k-one", "k-two", "shared", "from-file-1", "from-file-2")
+    assert "k-one" not in repr(settings)
+    assert Settings().read_api_keys() == ()
+
+
+def test_a_server_with_an_unreadable_api_keys_file_exits_78_rather_than_run_open(
+    tmp_path: Path,
+) -> None:
+    [line] = refused_start(API_KEYS_FILE=str(tmp_path / "missing"))
+    assert line.startswith("invalid settings: API_KEYS_FILE cannot be read")
+
+
+def test_api_keys_that_hold_no_key_are_refused() -> None:
+    with pytest.raises(ValidationError, match="hold no key"):
+        Settings(api_keys=SecretStr(" , "))
+
+
+def test_expired_jobs_are_looked_for_a_quarter_retention_apart_within_bounds() -> None:
+    assert Settings().purge_interval == 30
+    assert Settings(job_retention_seconds=60).purge_interval == 15
+    assert Settings(job_retention_seconds=1).purge_interval == 0.5
