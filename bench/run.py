@@ -345,6 +345,138 @@ def measure_service(args: argparse.Namespace, work: Path, big_body: bytes) -> di
     }
 
 
+def measure_housekeeping(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Status p99 of other clients while 500 long-poll waiters wait, and during a purge.
+
+    The purge is of 10,000 expired jobs: the service is restarted on a file holding them, so
+    it runs at once.
+    """
+    db_path = work / "housekeeping.db"
+    env = {"DATABASE_URL": f"sqlite:///{db_path}"}
+    with serve("app.main:app", env, work / "housekeeping.log") as server:
+        job_id = _completed_job(server)
+        waited = _insert_jobs_running_elsewhere(db_path, 500)
+        with _waiting(server, waited) as waiting:
+            during_waits = wrk(
+                f"{server.base_url}/check_status/{job_id}",
+                connections=8,
+                seconds=args.stall_seconds,
+            )
+        still_waiting = waiting["answered_early"] == 0
+    _insert_expired_jobs(db_path, 10_000)
+    purge: dict[str, float] = {}
+    with serve("app.main:app", env, work / "housekeeping.log") as server:
+        watcher = threading.Thread(target=_watch_purge, args=(db_path, purge), daemon=True)
+        watcher.start()
+        during_purge = wrk(
+            f"{server.base_url}/check_status/{job_id}",
+            connections=8,
+            seconds=args.stall_seconds,
+        )
+        watcher.join(timeout=60)
+    return {
+        "waits": during_waits,
+        "waiters_held": still_waiting,
+        "purge": during_purge,
+        "purge_seconds": purge.get("done", float("nan")),
+        "purge_seen_running": purge.get("first_left", 0.0),
+    }
+
+
+def _completed_job(server: Server) -> str:
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        response = client.post(
+            "/expand_reduce_flow/", content=SMALL_JOB, headers={"content-type": "application/json"}
+        )
+        job_id: str = response.json()["job_id"]
+        status = client.get(f"/check_status/{job_id}", params={"wait": 10}).json()
+    assert status["status"] == "completed", status
+    return job_id
+
+
+def _insert_jobs_running_elsewhere(db_path: Path, count: int) -> list[str]:
+    """Jobs another (unknown) process is running, on leases an hour long: they stay processing."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ids = [f"00000000-0000-4000-8000-{n:012}" for n in range(count)]
+    with closing(sqlite3.connect(db_path, timeout=30)) as db, db:
+        db.executemany(
+            "INSERT INTO jobs (job_id, status, created_at, updated_at, input_data) "
+            "VALUES (?, 'processing', ?, ?, '[{}]')",
+            [(job_id, now, now) for job_id in ids],
+        )
+        db.executemany(
+            "INSERT INTO job_leases (job_id, owner, attempts, lease_until, total_items) "
+            "VALUES (?, 'elsewhere', 1, ?, 1)",
+            [(job_id, time.time() + 3600) for job_id in ids],
+        )
+    return ids
+
+
+def _insert_expired_jobs(db_path: Path, count: int) -> None:
+    """Jobs that finished in 2000, each with 2 KB of input and as much result."""
+    payload = orjson.dumps([{"k": "v" * 2000}]).decode()
+    stamp = "2000-01-01T00:00:00.000000Z"
+    with closing(sqlite3.connect(db_path, timeout=30)) as db, db:
+        db.executemany(
+            "INSERT INTO jobs (job_id, status, created_at, updated_at, input_data, output_data) "
+            "VALUES (?, 'completed', ?, ?, ?, ?)",
+            [(f"e{n:035}", stamp, stamp, payload, payload) for n in range(count)],
+        )
+
+
+def _watch_purge(db_path: Path, seen: dict[str, float]) -> None:
+    """Record how many expired jobs were left when first looked at, and when none were."""
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)) as db:
+            (left,) = db.execute("SELECT count(*) FROM jobs WHERE job_id LIKE 'e%'").fetchone()
+        seen.setdefault("first_left", left)
+        if not left:
+            seen["done"] = time.monotonic() - started
+            return
+        time.sleep(0.05)
+
+
+@contextmanager
+def _waiting(server: Server, job_ids: list[str]) -> Iterator[dict[str, int]]:
+    """One long-poll request (?wait=30) per job, all waiting while the block runs."""
+    import asyncio
+
+    state = {"answered_early": 0}
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+    loop = asyncio.new_event_loop()
+
+    async def wait_all() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        limits = httpx.Limits(max_connections=len(job_ids) + 10)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as c:
+
+            async def one(job_id: str) -> None:
+                await c.get(f"/check_status/{job_id}", params={"wait": 30})
+                if not stop.is_set():
+                    state["answered_early"] += 1
+
+            tasks = [asyncio.create_task(one(job_id)) for job_id in job_ids]
+            await asyncio.sleep(1)  # every request sent and waiting
+            ready.set()
+            await stop.wait()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(wait_all(),), daemon=True)
+    thread.start()
+    ready.wait(timeout=30)
+    try:
+        yield state
+    finally:
+        assert stop is not None
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+
+
 def main() -> None:
     """Run everything and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -362,7 +494,12 @@ def main() -> None:
         work = Path(directory)
         ceiling = measure_ceiling(args, work)
         service = measure_service(args, work, big_body)
+        housekeeping = measure_housekeeping(args, work)
     bare = _pinned(big_body)
+    waits, purge = housekeeping["waits"], housekeeping["purge"]
+    assert isinstance(waits, WrkResult)
+    assert isinstance(purge, WrkResult)
+    purge_seconds = float(housekeeping["purge_seconds"])  # type: ignore[arg-type]
 
     submit, status, stall = service["submit"], service["status"], service["stall"]
     assert isinstance(submit, WrkResult)
@@ -414,6 +551,22 @@ def main() -> None:
             stall.p99_ms < 50 and stall.timeouts == 0 and stall.max_ms < 2000,
         ),
         ("peak RSS, server + workers (MB)", f"{peak:.0f}", "", None, "< 200", peak < 200),
+        (
+            "status with 500 long-poll waiters p99 (ms)",
+            f"{waits.p99_ms:.1f}",
+            "",
+            None,
+            "< 50",
+            waits.p99_ms < 50 and waits.non_2xx == 0 and bool(housekeeping["waiters_held"]),
+        ),
+        (
+            "status while 10,000 jobs are purged p99 (ms)",
+            f"{purge.p99_ms:.1f}",
+            "",
+            None,
+            "< 50",
+            purge.p99_ms < 50 and purge.non_2xx == 0 and purge_seconds < args.stall_seconds,
+        ),
     ]
     print(
         f"\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · {_cpu()} · {os.cpu_count()} cores · "
@@ -431,6 +584,13 @@ def main() -> None:
         f"{stall.timeouts} over 2 s (timed out), {stall.errors} socket errors; "
         f"{service['failed']} jobs failed; peak RSS by process (MB): {service['peaks']}; "
         f"big job runs (s): {', '.join(f'{run:.2f}' for run in service['big_runs'])}"  # type: ignore[attr-defined]
+    )
+    print(
+        f"long-poll: 500 waiters held throughout: {housekeeping['waiters_held']}, status "
+        f"{waits.requests} requests, p50 {waits.p50_ms:.1f} ms, max {waits.max_ms:.0f} ms; purge: "
+        f"{housekeeping['purge_seen_running']:.0f} expired jobs left when first looked at, all "
+        f"gone {purge_seconds:.1f} s after the restart, status {purge.requests} requests "
+        f"meanwhile, p50 {purge.p50_ms:.1f} ms, max {purge.max_ms:.0f} ms"
     )
 
 
