@@ -5,6 +5,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -14,13 +15,22 @@ from app.config import Settings
 from app.jobs import Claim, JobStatus
 from app.main import EXIT_DATABASE_UNAVAILABLE
 from app.runner import JobRunner
-from app.store import JobStore, StoreCorruptError, Swept, make_store
+from app.store import (
+    Idempotency,
+    IdempotencyKeyReusedError,
+    JobStore,
+    Replayed,
+    StoreCorruptError,
+    Swept,
+    make_store,
+)
 from app.store.postgres import MIGRATIONS, OWNER_LOCK_SPACE, lock_session_name, owner_lock_key
 from app.workers import CpuWorkers
 from tests.support import (
     ROOT,
     FakeClock,
     PostgresDatabase,
+    faulty,
     free_port,
     opened_store,
     serving,
@@ -370,3 +380,38 @@ async def test_heartbeats_and_finishes_of_the_same_jobs_at_once_do_not_deadlock(
             )
             assert all(outcomes[1:])
     assert postgres.query("SELECT count(*) FROM jobs WHERE status = 'completed'") == [(750,)]
+
+
+@pytest.mark.parametrize("same_request", [True, False])
+async def test_an_idempotency_key_committed_by_another_replica_mid_insert_is_answered_as_used(
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock, same_request: bool
+) -> None:
+    """The race a read-then-write would lose: the key is committed elsewhere between this
+    replica's look-up and its insert. The unique index decides; nothing fails or doubles."""
+    database = faulty(settings)
+    raced: list[str] = []
+
+    def other_replica_commits_first(sql: str, params: Sequence[Any]) -> None:
+        if "ON CONFLICT" in sql and not raced:
+            raced.append(sql)
+            postgres.query(
+                "INSERT INTO jobs (job_id, status, tenant, created_at, updated_at, "
+                "idempotency_key, request_hash, input_data) VALUES ('theirs', 'processing', '', "
+                "'2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'k', 'h', '[]')"
+            )
+        return None
+
+    database.fault = other_replica_commits_first
+    request = Idempotency("k", "h" if same_request else "other")
+    async with opened_store(settings, clock, "me", database=database) as store:
+        if same_request:
+            assert await store.create_job(
+                "mine", "[{}]", claimed=True, idempotency=request
+            ) == Replayed("theirs")
+        else:
+            with pytest.raises(IdempotencyKeyReusedError, match="'k'"):
+                await store.create_job("mine", "[{}]", claimed=True, idempotency=request)
+        assert list(store.held) == []
+    assert raced
+    assert [job for (job,) in postgres.query("SELECT job_id FROM jobs")] == ["theirs"]
+    assert postgres.query("SELECT job_id FROM job_leases") == []

@@ -42,6 +42,7 @@ from app.store import (
     Progress,
     QueueFullError,
     Replayed,
+    StoreConflictError,
     StoreCorruptError,
     StoreError,
     StorePolicy,
@@ -63,6 +64,7 @@ INSERT_JOB = """
     )
     VALUES (?, 'processing', ?, ?, ?, ?, ?, ?)
 """
+INSERT_KEYED_JOB = INSERT_JOB + " ON CONFLICT DO NOTHING RETURNING job_id"
 INSERT_LEASE = """
     INSERT INTO job_leases (job_id, owner, attempts, lease_until, input_length, total_items)
     VALUES (?, ?, ?, ?, ?, ?)
@@ -514,7 +516,17 @@ class SQLJobStore:
             )
         inserted = [ops[i] for i in new[:room]]
         claims = await self._insert(tx, inserted, now) if inserted else []
-        answers.update(zip(new[:room], claims, strict=True))
+        lost = {ops[i].job_id for i, claim in zip(new[:room], claims, strict=True) if not claim}
+        answers.update((i, claim) for i, claim in zip(new[:room], claims, strict=True) if claim)
+        for i, op in enumerate(ops):
+            answer = answers.get(i)
+            if op.job_id in lost or (isinstance(answer, Replayed) and answer.job_id in lost):
+                # Another process committed this idempotency key meanwhile (the unique index
+                # said so): answer as for a key used before, now that its job is visible.
+                again = await self._repeated_submissions(tx, [op])
+                answers[i] = again.get(0) or StoreConflictError(
+                    "idempotency key contended", "another submission with this key is in flight"
+                )
         return [answers[i] for i in range(len(ops))]
 
     async def _repeated_submissions(
@@ -547,13 +559,19 @@ class SQLJobStore:
                 answers[i] = IdempotencyKeyReusedError(op.idempotency.key)
         return answers
 
-    async def _insert(self, tx: Transaction, ops: Sequence[NewJob], now: float) -> list[Claim]:
+    async def _insert(
+        self, tx: Transaction, ops: Sequence[NewJob], now: float
+    ) -> list[Claim | None]:
+        """Insert the jobs and their leases; None for each one left out.
+
+        A job is left out when another process has committed its idempotency key since the
+        key was looked up.
+        """
         claiming = self._can_claim()
-        claims = [Claim(op.job_id, self._owner, int(op.claimed and claiming)) for op in ops]
         stamp = iso_utc(now)
         grace = now + self._policy.claim_grace_seconds
         until = now + self._policy.lease_seconds
-        jobs = [
+        rows = [
             (
                 op.job_id,
                 op.tenant,
@@ -565,7 +583,19 @@ class SQLJobStore:
             )
             for op in ops
         ]
-        await tx.execute_many(self._sql(INSERT_JOB), jobs)
+        await tx.execute_many(
+            self._sql(INSERT_JOB),
+            [row for op, row in zip(ops, rows, strict=True) if op.idempotency is None],
+        )
+        claims: list[Claim | None] = []
+        for op, row in zip(ops, rows, strict=True):
+            # A keyed job is inserted on its own: the unique index on its key decides a race
+            # with another process (which this transaction could not see), without an error
+            # that would roll back the others.
+            if op.idempotency is not None and not await tx.fetch(self._sql(INSERT_KEYED_JOB), row):
+                claims.append(None)
+            else:
+                claims.append(Claim(op.job_id, self._owner, int(op.claimed and claiming)))
         leases = [
             (
                 op.job_id,
@@ -576,6 +606,7 @@ class SQLJobStore:
                 op.total_items,
             )
             for op, claim in zip(ops, claims, strict=True)
+            if claim is not None
         ]
         await tx.execute_many(self._sql(INSERT_LEASE), leases)
         return claims
