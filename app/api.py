@@ -60,6 +60,8 @@ UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 # Bodies below this are parsed on the event loop: that takes less time than handing them over.
 INLINE_PARSE_MAX_BYTES = 64 * 1024
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+# A page token holds the created_at and job_id of the last job on its page, as stored.
+TIMESTAMP_PATTERN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", re.ASCII)
 MAX_WAIT_SECONDS = 30.0
 QUEUE_FULL_RETRY_AFTER = "2"
 
@@ -411,6 +413,8 @@ def _not_found(job_id: str) -> NoReturn:
 
 def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
+    if key is not None:
+        key = key.strip(" \t")  # not part of a header's value (httptools keeps it)
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise HTTPException(400, "Idempotency-Key must be 1 to 255 printable ASCII characters")
     return key
@@ -466,6 +470,8 @@ def _decode_page_token(token: str) -> Cursor:
         not isinstance(decoded, list)
         or len(decoded) != 2
         or not all(isinstance(part, str) for part in decoded)
+        or not TIMESTAMP_PATTERN.fullmatch(decoded[0])
+        or not UUID_PATTERN.fullmatch(decoded[1])
     ):
         raise HTTPException(400, "page_token is not a valid page token")
     return decoded[0], decoded[1]

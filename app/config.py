@@ -196,6 +196,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"API_KEYS_FILE cannot be read: {error}") from None
             if not keys:
                 raise ValueError("API_KEYS / API_KEYS_FILE are set but hold no key")
+            if not all(key.isascii() and key.isprintable() and " " not in key for key in keys):
+                # A client sends its key as header bytes; only ASCII is the same everywhere.
+                raise ValueError("API keys must be printable ASCII characters without spaces")
         return self
 
     @property

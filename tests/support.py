@@ -260,6 +260,9 @@ class FaultyDatabase:
     async def return_free_space(self, tx: Transaction) -> None:
         await self.real.return_free_space(tx)
 
+    async def admit_one_at_a_time(self, tx: Transaction) -> None:
+        await self.real.admit_one_at_a_time(tx)
+
     async def dead_owners(self, tx: Transaction, owners: Sequence[str]) -> set[str]:
         return await self.real.dead_owners(tx, owners)
 

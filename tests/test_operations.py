@@ -5,6 +5,8 @@ The same capabilities are attacked with real processes in ``test_operations_e2e.
 """
 
 import asyncio
+import base64
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -298,6 +300,55 @@ async def test_past_max_queued_jobs_submissions_are_429_and_store_nothing(
         # Room again once a job finishes.
         assert (await client.post(f"/jobs/{waiting[0]}/cancel")).status_code == 202
         assert (await submit(client, OTHER_JOB)).status_code == 202
+
+
+async def test_repeats_of_a_submission_refused_as_the_queue_is_full_are_refused_too(
+    database: FreshDatabase,
+) -> None:
+    """Found in review: repeats in one batch were answered as replays of a job never stored."""
+    settings = Settings(database_url=database.url, flow_processes=0, max_queued_jobs=1)
+    async with started(settings) as (app, client):
+        await queued(app)
+        responses = await asyncio.gather(
+            *(submit(client, JOB, **{"Idempotency-Key": "full"}) for _ in range(20))
+        )
+        assert {response.status_code for response in responses} == {429}
+        assert database.count_jobs() == 1
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        ["\u0000", "x"],
+        ["2026-01-01T00:00:00.000000Z", "\u0000"],
+        ["2026-01-01", "00000000-0000-4000-8000-000000000000"],
+        ["2026-01-01T00:00:00.000000Z", "not-a-job-id"],
+    ],
+)
+@pytest.mark.parametrize("status", [None, "processing", "failed"])
+async def test_a_page_token_the_service_did_not_issue_is_400_whatever_it_holds(
+    client: httpx.AsyncClient, cursor: list[str], status: str | None
+) -> None:
+    """Found in review: a NUL inside a token was a 500 on PostgreSQL."""
+    token = base64.urlsafe_b64encode(json.dumps(cursor).encode()).decode()
+    params = {"page_token": token} | ({"status": status} if status else {})
+    response = await client.get("/jobs", params=params)
+    assert response.status_code == 400
+    assert "page_token" in response.json()["detail"]
+
+
+async def test_spaces_around_an_idempotency_key_are_not_part_of_it(
+    client: httpx.AsyncClient, database: FreshDatabase
+) -> None:
+    first = await submit(client, JOB, **{"Idempotency-Key": "padded"})
+    # httpx, like h11, strips them itself: send the raw header bytes.
+    again = await client.post(
+        "/expand_reduce_flow/",
+        content=b'{"job": {"input_data": [{"a": "1", "b": "2"}]}}',
+        headers=[(b"Content-Type", b"application/json"), (b"Idempotency-Key", b"padded \t")],
+    )
+    assert again.json()["job_id"] == first.json()["job_id"]
+    assert database.count_jobs() == 1
 
 
 # Long-poll.

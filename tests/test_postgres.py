@@ -19,6 +19,7 @@ from app.store import (
     Idempotency,
     IdempotencyKeyReusedError,
     JobStore,
+    QueueFullError,
     Replayed,
     StoreCorruptError,
     Swept,
@@ -415,3 +416,25 @@ async def test_an_idempotency_key_committed_by_another_replica_mid_insert_is_ans
     assert raced
     assert [job for (job,) in postgres.query("SELECT job_id FROM jobs")] == ["theirs"]
     assert postgres.query("SELECT job_id FROM job_leases") == []
+
+
+async def test_two_replicas_inserting_at_once_never_pass_max_queued_jobs_together(
+    postgres: PostgresDatabase, settings: Settings, clock: FakeClock
+) -> None:
+    """Found in review: each replica's count saw room, and together they overshot."""
+    bounded = settings.model_copy(update={"max_queued_jobs": 5})
+    async with (
+        opened_store(bounded, clock, "a") as first,
+        opened_store(bounded, clock, "b") as second,
+    ):
+        results = await asyncio.gather(
+            *(
+                store.create_job(f"job-{n}", "[{}]", claimed=False)
+                for n in range(40)
+                for store in [(first, second)[n % 2]]
+            ),
+            return_exceptions=True,
+        )
+    assert sum(isinstance(r, Claim) for r in results) == 5
+    assert all(isinstance(r, (Claim, QueueFullError)) for r in results), results
+    assert postgres.count_jobs() == 5

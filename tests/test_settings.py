@@ -106,3 +106,9 @@ def test_expired_jobs_are_looked_for_a_quarter_retention_apart_within_bounds() -
     assert Settings().purge_interval == 30
     assert Settings(job_retention_seconds=60).purge_interval == 15
     assert Settings(job_retention_seconds=1).purge_interval == 0.5
+
+
+@pytest.mark.parametrize("key", ["clé", "two words", "tab\tkey"])
+def test_api_keys_a_client_could_not_send_the_same_everywhere_are_refused(key: str) -> None:
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        Settings(api_keys=SecretStr(f"good-key,{key}"))

@@ -90,6 +90,8 @@ MIGRATIONS: Sequence[str] = (
 MIGRATION_LOCK = 0x657870616E64
 # pg_try_advisory_xact_lock key of the purge: one replica purges at a time ("purge").
 PURGE_LOCK = 0x7075726765
+# pg_advisory_xact_lock key of inserts, so MAX_QUEUED_JOBS holds across replicas ("admit").
+ADMISSION_LOCK = 0x61646D6974
 RETRY_PAUSE_SECONDS = 1.0
 # NOTIFY'd when a replica releases jobs (it is stopping), so the others sweep at once.
 RELEASED_CHANNEL = "expand_reduce_jobs_released"
@@ -332,6 +334,10 @@ class PostgresDatabase:
         """Whether this replica holds the purge lock for ``tx``: one replica purges at a time."""
         [(taken,)] = await tx.fetch("SELECT pg_try_advisory_xact_lock(%s)", (PURGE_LOCK,))
         return bool(taken)
+
+    async def admit_one_at_a_time(self, tx: Transaction) -> None:
+        """Take the admission lock until ``tx`` ends: replicas count and insert in turn."""
+        await tx.execute("SELECT pg_advisory_xact_lock(%s)", (ADMISSION_LOCK,))
 
     async def return_free_space(self, tx: Transaction) -> None:
         """Nothing to do: PostgreSQL's autovacuum makes the space reusable."""

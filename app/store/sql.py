@@ -254,6 +254,12 @@ class Database(Protocol):
     async def take_purge_turn(self, tx: Transaction) -> bool:
         """Whether this process may purge now (for ``tx``): one process at a time does."""
 
+    async def admit_one_at_a_time(self, tx: Transaction) -> None:
+        """Make ``tx`` the only one counting unfinished jobs and inserting until it ends.
+
+        So two processes cannot both see room for their jobs under MAX_QUEUED_JOBS.
+        """
+
     async def return_free_space(self, tx: Transaction) -> None:
         """Give the space freed by deleted rows back, if the backend does not do it itself."""
 
@@ -508,12 +514,19 @@ class SQLJobStore:
         """Replay repeated submissions, refuse those past the queue's bound, insert the rest."""
         answers = await self._repeated_submissions(tx, ops)
         new = [i for i, op in enumerate(ops) if i not in answers]
+        if new:
+            await self._db.admit_one_at_a_time(tx)
         [(unfinished,)] = await tx.fetch(self._sql(COUNT_UNFINISHED), ())
         room = max(0, self._policy.max_unfinished_jobs - unfinished)
-        for i in new[room:]:
-            answers[i] = QueueFullError(
-                f"{self._policy.max_unfinished_jobs} jobs are unfinished; retry later"
-            )
+        refused_at = set(new[room:])
+        refused = {ops[i].job_id for i in refused_at}
+        for i in range(len(ops)):
+            # Refused, or a repeat of a refused submission in this batch: nothing is stored.
+            answer = answers.get(i)
+            if i in refused_at or (isinstance(answer, Replayed) and answer.job_id in refused):
+                answers[i] = QueueFullError(
+                    f"{self._policy.max_unfinished_jobs} jobs are unfinished; retry later"
+                )
         inserted = [ops[i] for i in new[:room]]
         claims = await self._insert(tx, inserted, now) if inserted else []
         lost = {ops[i].job_id for i, claim in zip(new[:room], claims, strict=True) if not claim}

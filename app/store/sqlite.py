@@ -337,6 +337,9 @@ class SQLiteDatabase:
     async def announce_release(self, tx: Transaction) -> None:
         """Nobody to tell: the other processes on a file (if any) sweep at their interval."""
 
+    async def admit_one_at_a_time(self, tx: Transaction) -> None:
+        """Nothing to take: a write transaction here is the only one already."""
+
     async def take_purge_turn(self, tx: Transaction) -> bool:
         """Always: SQLite's write transactions already take turns."""
         return True
