@@ -71,6 +71,8 @@ INSERT_LEASE = """
 """
 # Every unfinished job has a lease row: this is how many there are.
 COUNT_UNFINISHED = "SELECT count(*) FROM job_leases"
+# Within this many places of MAX_QUEUED_JOBS, inserts of all processes take turns.
+ADMISSION_SLACK = 1_000
 KEYS_IN_USE = """
     SELECT tenant, idempotency_key, job_id, request_hash FROM jobs
     WHERE idempotency_key IN ({keys})
@@ -514,9 +516,12 @@ class SQLJobStore:
         """Replay repeated submissions, refuse those past the queue's bound, insert the rest."""
         answers = await self._repeated_submissions(tx, ops)
         new = [i for i, op in enumerate(ops) if i not in answers]
-        if new:
-            await self._db.admit_one_at_a_time(tx)
         [(unfinished,)] = await tx.fetch(self._sql(COUNT_UNFINISHED), ())
+        if unfinished + len(new) > self._policy.max_unfinished_jobs - ADMISSION_SLACK:
+            # Near the bound, processes count and insert in turn, so two of them cannot both
+            # take the last places; far from it, they need not wait for each other.
+            await self._db.admit_one_at_a_time(tx)
+            [(unfinished,)] = await tx.fetch(self._sql(COUNT_UNFINISHED), ())
         room = max(0, self._policy.max_unfinished_jobs - unfinished)
         refused_at = set(new[room:])
         refused = {ops[i].job_id for i in refused_at}
