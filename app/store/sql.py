@@ -165,7 +165,7 @@ LIST_PROCESSING_JOBS = """
 """
 # Later than any timestamp this service writes: the cursor of the first page.
 NEWEST = ("9999", "")
-JOB_OWNER_AND_STATUS = "SELECT tenant, status FROM jobs WHERE job_id = ?"
+JOB_TENANT = "SELECT tenant FROM jobs WHERE job_id = ?"
 END_LEASE_OF_JOB = "DELETE FROM job_leases WHERE job_id = ? RETURNING job_id"
 DELETE_FINISHED = "DELETE FROM jobs WHERE job_id = ? AND status <> 'processing'"
 PURGE_FINISHED = """
@@ -839,8 +839,7 @@ class SQLJobStore:
     ) -> list[CancelResult]:
         results = []
         for op in ops:
-            rows = await tx.fetch(self._sql(JOB_OWNER_AND_STATUS), (op.job_id,))
-            if not rows or rows[0][0] != op.tenant:
+            if not await self._is_tenants(tx, op):
                 results.append(CancelResult.NOT_FOUND)
             elif not await tx.fetch(self._sql(END_LEASE_OF_JOB), (op.job_id,)):
                 results.append(CancelResult.FINISHED)  # no lease: it has finished
@@ -861,6 +860,11 @@ class SQLJobStore:
         self._held.discard([claim for claim in self._held if claim.job_id in cancelled])
         self._report_finished(done)
 
+    async def _is_tenants(self, tx: Transaction, op: JobRequest) -> bool:
+        """Whether the job exists and belongs to the request's tenant (others see nothing)."""
+        rows = await tx.fetch(self._sql(JOB_TENANT), (op.job_id,))
+        return bool(rows) and rows[0][0] == op.tenant
+
     async def delete_job(self, job_id: str, *, tenant: str) -> DeleteResult:
         """Remove a finished job of this tenant: its row, input and result."""
         return await self._deletions.submit(JobRequest(job_id, tenant))
@@ -870,8 +874,7 @@ class SQLJobStore:
     ) -> list[DeleteResult]:
         results = []
         for op in ops:
-            rows = await tx.fetch(self._sql(JOB_OWNER_AND_STATUS), (op.job_id,))
-            if not rows or rows[0][0] != op.tenant:
+            if not await self._is_tenants(tx, op):
                 results.append(DeleteResult.NOT_FOUND)
             elif await tx.execute(self._sql(DELETE_FINISHED), (op.job_id,)):
                 results.append(DeleteResult.DELETED)
