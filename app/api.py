@@ -47,6 +47,7 @@ from app.store import (
     IdempotencyKeyReusedError,
     JobRecord,
     JobStore,
+    JobSummary,
     QueueFullError,
     Replayed,
 )
@@ -211,18 +212,23 @@ async def check_status(job_id: str, request: Request) -> Response:
 def _status_of(job: JobRecord) -> dict[str, Any]:
     # The hottest route: serialised straight from the stored fields, which already have the
     # StatusResponse shape, rather than validated into a model and serialised from it.
-    status: dict[str, Any] = {
-        "job_id": job.job_id,
-        "status": job.status.value,
-        "created_at": job.created_at,
-        "updated_at": job.updated_at,
-    }
+    status = _summary_of(job)
     if job.progress is not None and job.status is JobStatus.PROCESSING:
         status["progress"] = {
             "done_items": job.progress.done_items,
             "total_items": job.progress.total_items,
         }
     return status
+
+
+def _summary_of(job: JobRecord | JobSummary) -> dict[str, Any]:
+    """The fields every job answer has, as stored."""
+    return {
+        "job_id": job.job_id,
+        "status": job.status.value,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }
 
 
 @router.get(
@@ -278,15 +284,7 @@ async def list_jobs(
     )
     page, more = found[:limit], len(found) > limit
     next_token = _encode_page_token((page[-1].created_at, page[-1].job_id)) if more else None
-    jobs = [
-        {
-            "job_id": job.job_id,
-            "status": job.status.value,
-            "created_at": job.created_at,
-            "updated_at": job.updated_at,
-        }
-        for job in page
-    ]
+    jobs = [_summary_of(job) for job in page]
     return Response(
         orjson.dumps({"jobs": jobs, "next_page_token": next_token}),
         media_type="application/json",
