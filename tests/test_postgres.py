@@ -37,6 +37,7 @@ from tests.support import (
     serving,
     store_settings,
     wait_until,
+    wait_until_sync,
 )
 
 JOB = {"job": {"input_data": [{"a": "1", "b": "2"}]}}
@@ -162,9 +163,15 @@ async def test_each_store_holds_its_owners_lock_on_a_session_of_its_own(
 ) -> None:
     async with opened_store(settings, clock, "one"), opened_store(settings, clock, "two"):
         assert owner_backend(postgres, "one") != owner_backend(postgres, "two")
-    assert postgres.query(
-        f"SELECT count(*) FROM pg_locks WHERE classid::bigint = {OWNER_LOCK_SPACE}"
-    ) == [(0,)]
+
+    def released() -> bool:
+        # A closed session's backend exits a moment after the client has gone; its locks with it.
+        return postgres.query(
+            f"SELECT count(*) FROM pg_locks WHERE classid::bigint = {OWNER_LOCK_SPACE} "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ) == [(0,)]
+
+    wait_until_sync(released, seconds=5, what="both owner locks being released")
 
 
 async def test_a_replica_whose_lock_session_ends_is_taken_over_at_once_and_claims_nothing_meanwhile(
