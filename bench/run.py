@@ -355,6 +355,7 @@ def measure_housekeeping(args: argparse.Namespace, work: Path) -> dict[str, obje
     env = {"DATABASE_URL": f"sqlite:///{db_path}"}
     with serve("app.main:app", env, work / "housekeeping.log") as server:
         job_id = _completed_job(server)
+        lags = _long_poll_lags(server, jobs=10)
         waited = _insert_jobs_running_elsewhere(db_path, 500)
         with _waiting(server, waited) as waiting:
             during_waits = wrk(
@@ -375,6 +376,7 @@ def measure_housekeeping(args: argparse.Namespace, work: Path) -> dict[str, obje
         )
         watcher.join(timeout=60)
     return {
+        "long_poll_lags": lags,
         "waits": during_waits,
         "waiters_held": still_waiting,
         "purge": during_purge,
@@ -392,6 +394,23 @@ def _completed_job(server: Server) -> str:
         status = client.get(f"/check_status/{job_id}", params={"wait": 10}).json()
     assert status["status"] == "completed", status
     return job_id
+
+
+def _long_poll_lags(server: Server, jobs: int) -> list[float]:
+    """Seconds from each job's finish (its ``updated_at``) to its long-poll's answer."""
+    body = big_job_body(items=20_000, keys=5)
+    lags = []
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        for _ in range(jobs):
+            response = client.post(
+                "/expand_reduce_flow/", content=body, headers={"content-type": "application/json"}
+            )
+            job_id = response.json()["job_id"]
+            status = client.get(f"/check_status/{job_id}", params={"wait": 30}).json()
+            answered = time.time()
+            assert status["status"] == "completed", status
+            lags.append(answered - datetime.fromisoformat(status["updated_at"]).timestamp())
+    return lags
 
 
 def _insert_jobs_running_elsewhere(db_path: Path, count: int) -> list[str]:
@@ -500,6 +519,8 @@ def main() -> None:
     assert isinstance(waits, WrkResult)
     assert isinstance(purge, WrkResult)
     purge_seconds = float(housekeeping["purge_seconds"])  # type: ignore[arg-type]
+    lags = housekeeping["long_poll_lags"]
+    assert isinstance(lags, list)
 
     submit, status, stall = service["submit"], service["status"], service["stall"]
     assert isinstance(submit, WrkResult)
@@ -551,6 +572,14 @@ def main() -> None:
             stall.p99_ms < 50 and stall.timeouts == 0 and stall.max_ms < 2000,
         ),
         ("peak RSS, server + workers (MB)", f"{peak:.0f}", "", None, "< 200", peak < 200),
+        (
+            "long-poll answer after the job finished, worst of 10 (ms)",
+            f"{max(lags) * 1000:.0f}",
+            "",
+            None,
+            "< 100",
+            max(lags) < 0.1,
+        ),
         (
             "status with 500 long-poll waiters p99 (ms)",
             f"{waits.p99_ms:.1f}",

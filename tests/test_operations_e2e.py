@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -237,21 +236,3 @@ def test_past_max_queued_jobs_large_submissions_get_429_and_nothing_is_stored(
     assert 5 <= len(accepted) < len(jobs)
     assert stored_while_full == len(accepted)
     assert again.status_code == 202  # room again once they finished
-
-
-def test_long_poll_answers_within_100_ms_of_the_job_finishing(tmp_path: Path) -> None:
-    database = SQLiteDatabase(tmp_path / "jobs.db")
-    server = start_server(database.path, tmp_path / "server.log")
-    lags = []
-    try:
-        with client_of(server) as client:
-            for n in range(5):
-                job_id = submit(client, big_job(n, items=20_000, keys=5)).json()["job_id"]
-                status = client.get(f"/check_status/{job_id}", params={"wait": 30}).json()
-                answered = time.time()
-                assert status["status"] == "completed", status
-                finished = datetime.fromisoformat(status["updated_at"]).timestamp()
-                lags.append(answered - finished)
-    finally:
-        stop_server(server)
-    assert max(lags) < 0.1, lags
