@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from app.logs import detached_task
+
 Op = TypeVar("Op")
 Result = TypeVar("Result")
 
@@ -28,7 +30,7 @@ class Batcher(Generic[Op, Result]):
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
         if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain())
+            self._drainer = detached_task(self._drain())
         return await future
 
     async def _drain(self) -> None:

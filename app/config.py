@@ -148,6 +148,14 @@ class Settings(BaseSettings):
     log_level: str = Field(
         "INFO", description="Log level of the service's own logger: " + ", ".join(LOG_LEVELS) + "."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one readable line per record; json: one JSON object per line "
+        "(time, level, logger, message, and job_id, attempt, request_id where known).",
+    )
+    metrics_enabled: bool = Field(
+        True, description="Serve Prometheus metrics at /metrics and count HTTP requests."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -10,18 +10,22 @@ from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
 
+from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
 
-from app import api, api_docs
+from app import api, api_docs, metrics
 from app.auth import ApiKeys
 from app.config import Settings, redact
+from app.logs import configure_logging, is_sane_request_id
+from app.metrics import HttpMetrics, UnfinishedGauge
 from app.retention import Retention
 from app.runner import JobRunner
 from app.schemas import job_request_schema
@@ -39,7 +43,8 @@ DESCRIPTION = (
 )
 SWAGGER_ASSETS = "/static/swagger-ui"
 # Paths open without an API key even when keys are on.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+REQUEST_ID_HEADER = "X-Request-ID"
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration is wrong (the settings, or the database file)
 EXIT_DATABASE_UNAVAILABLE = 69  # EX_UNAVAILABLE: the database could not be reached in time
 
@@ -55,13 +60,6 @@ def load_settings() -> Settings:
             where = f"{name}: " if name and name not in message else ""
             sys.stderr.write(f"invalid settings: {where}{message}\n")
         raise SystemExit(EXIT_CONFIG) from None
-
-
-def configure_logging(level: str) -> None:
-    """Give the service's logs a handler (unless one exists) and the configured level."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.setLevel(level.upper())
 
 
 def drain_on_signals(runner: JobRunner) -> Callable[[], None]:
@@ -97,11 +95,14 @@ def drain_on_signals(runner: JobRunner) -> Callable[[], None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the store opens and the runner starts only when the app starts."""
     settings = settings or load_settings()
+    # Now, not at startup: uvicorn logs its first lines between importing the app and
+    # starting it, and they should look like the rest.
+    configure_logging(settings.log_level, settings.log_format)
     keys = ApiKeys(settings.read_api_keys())
+    unfinished: list[UnfinishedGauge] = []  # the running app's, once it has a store
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level)
         return_large_buffers_to_the_system()
         store = make_store(settings)
         try:
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner = JobRunner(store, workers, settings)
         waiters = StatusWaiters(store, settings.long_poll_max_waiters)
         app.state.services = api.Services(settings, store, runner, workers, keys, waiters)
+        unfinished[:] = [UnfinishedGauge(store.count_unfinished)]
         await runner.start()
         retention = Retention(store, settings)
         retention.start()
@@ -164,6 +166,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.openapi_schema = build_openapi(app, settings, keys.required)
         return app.openapi_schema
 
+    if settings.metrics_enabled:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus_metrics() -> Response:
+            # Open like /healthz even with API keys on: a scraper has no tenant.
+            for gauge in unfinished:
+                await gauge.refresh()
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        metrics.preset_labels()
+        app.add_middleware(HttpMetrics)
+    # Added last, so it is outermost: every record of a request carries its id.
+    app.add_middleware(
+        CorrelationIdMiddleware,
+        header_name=REQUEST_ID_HEADER,
+        validator=is_sane_request_id,
+        update_request_header=False,
+    )
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(StoreUnavailableError, store_unavailable)
     app.add_exception_handler(Exception, internal_error)
@@ -222,7 +242,10 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
     if isinstance(error, HTTPException):  # pragma: no cover  # FastAPI handles these itself
         raise error
     logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
-    return JSONResponse({"detail": "Internal server error"}, status_code=500)
+    # Answered outside the request-id middleware, which cannot add its header here.
+    request_id = correlation_id.get()
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return JSONResponse({"detail": "Internal server error"}, status_code=500, headers=headers)
 
 
 app = create_app()

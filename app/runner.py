@@ -19,17 +19,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, overload
 
+from app import metrics
 from app.capacity import Capacity, Turn
 from app.config import Settings
 from app.flow import FlowStopped, KeyCollisionError
 from app.jobs import Claim
+from app.logs import job_fields, running_job
 from app.store import (
     CANCELLED_ERROR,
     CancelResult,
     Idempotency,
+    JobRecord,
     JobStore,
     Replayed,
     StoreError,
@@ -50,6 +54,8 @@ class Accepted:
     claim: Claim
     input_json: str | None  # a small input rides along; a large one is read back when run
     large: bool
+    items: int = 0
+    at: float = field(default_factory=time.monotonic)  # when it was committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +167,24 @@ class JobRunner:
             if turn is not None:
                 turn.release()
             raise
-        if isinstance(stored, Replayed) or stored.is_reservation:
-            if turn is not None:  # not needed: a replay, or the store took no claim (draining)
+        if isinstance(stored, Replayed):
+            if turn is not None:  # not needed: nothing new to run
                 turn.release()
-            return stored if isinstance(stored, Replayed) else Accepted(stored, None, large)
+            return stored
+        metrics.JOBS_SUBMITTED.inc()
+        logger.info(
+            "job %s: accepted, %d objects",
+            job_id,
+            total_items,
+            extra={**job_fields(job_id), "items": total_items},
+        )
+        if stored.is_reservation:
+            if turn is not None:  # not needed: the store took no claim (draining)
+                turn.release()
+            return Accepted(stored, None, large, total_items)
         if turn is not None:
             self._unstarted[stored] = turn
-        return Accepted(stored, None if large else input_json, large)
+        return Accepted(stored, None if large else input_json, large, total_items)
 
     async def cancel(self, job_id: str, *, tenant: str) -> CancelResult:
         """Cancel a job; a run of it here is asked to stop at once.
@@ -194,7 +211,7 @@ class JobRunner:
         if not accepted.claim.is_reservation:
             kept = self._unstarted.pop(accepted.claim, None)
             if kept is not None:  # else it came too late: the claim was let go as an orphan
-                await self._execute(accepted.claim, kept, accepted.input_json)
+                await self._execute(accepted.claim, kept, accepted.input_json, accepted)
             return
         turn = await self._capacity.take(large=accepted.large)
         try:
@@ -205,7 +222,7 @@ class JobRunner:
         if claim is None:
             turn.release()
             return
-        await self._execute(claim, turn, accepted.input_json)
+        await self._execute(claim, turn, accepted.input_json, accepted)
 
     async def _claim_reserved(self, reservation: Claim) -> Claim | None:
         if self._draining:
@@ -214,7 +231,10 @@ class JobRunner:
             return await self._store.claim(reservation.job_id)
         except StoreError as error:
             logger.warning(
-                "job %s: not claimed (%s); a sweep will take it", reservation.job_id, error
+                "job %s: not claimed (%s); a sweep will take it",
+                reservation.job_id,
+                error,
+                extra=job_fields(reservation.job_id),
             )
             return None
 
@@ -237,7 +257,6 @@ class JobRunner:
             lanes > 0 and len(swept.large) == lanes
         )
         for claim, turn in claimed:
-            logger.info("job %s: recovered, attempt %d", claim.job_id, claim.attempt)
             self._spawn(self._execute(claim, turn, None))
         await self._stop_lost(swept.lost)
 
@@ -265,10 +284,16 @@ class JobRunner:
                     "job %s: attempt %d stopped: the job was cancelled or deleted",
                     claim.job_id,
                     claim.attempt,
+                    extra=job_fields(claim.job_id, claim.attempt),
                 )
                 return
+        metrics.LEASE_LOST.inc()
         logger.warning(
-            "job %s: attempt %d lost its lease; %s", claim.job_id, claim.attempt, consequence
+            "job %s: attempt %d lost its lease; %s",
+            claim.job_id,
+            claim.attempt,
+            consequence,
+            extra=job_fields(claim.job_id, claim.attempt),
         )
 
     async def _release_orphans(self) -> None:
@@ -287,23 +312,70 @@ class JobRunner:
                     turn.release()
             await self._store.release(orphans)
 
-    async def _execute(self, claim: Claim, turn: Turn, input_json: str | None) -> None:
-        """Run one claimed attempt and record its outcome, then give the turn back."""
+    async def _execute(
+        self, claim: Claim, turn: Turn, input_json: str | None, accepted: Accepted | None = None
+    ) -> None:
+        """Run one claimed attempt and record its outcome, then give the turn back.
+
+        ``accepted`` is the job as this process accepted it, if it did.
+        """
         control = FlowControl()
         self._runs[claim] = control
-        deadline = time.monotonic() + self._settings.job_timeout_seconds
+        started = time.monotonic()
+        deadline = started + self._settings.job_timeout_seconds
+        metrics.JOBS_RUNNING.inc()
         try:
-            outcome = await self._run(claim, input_json, control)
-            if outcome is not None:
-                await self._record(claim, outcome, deadline)
+            with running_job(claim):
+                items = await self._say_started(claim, started, accepted)
+                outcome = await self._run(claim, input_json, control)
+                if outcome is not None:
+                    recorded = await self._record(claim, outcome, deadline)
+                    if recorded is not None:
+                        _say_finished(claim, recorded, time.monotonic() - started, items)
         except asyncio.CancelledError:
             control.stop()  # the flow gives up at its next batch; stop() releases the claim
             raise
         finally:
+            metrics.JOBS_RUNNING.dec()
             del self._runs[claim]
             turn.release()
             if self._backlog:
                 self._sweep_now.set()
+
+    async def _say_started(self, claim: Claim, started: float, accepted: Accepted | None) -> int:
+        """Log the start, count a first start's wait or a later one's recovery; the job's size.
+
+        A job this process did not accept is looked up for its submission time and size.
+        """
+        job = None
+        if accepted is None:
+            with contextlib.suppress(StoreError):
+                job = await self._store.get_job(claim.job_id)
+        items = accepted.items if accepted is not None else _total_items(job)
+        if claim.attempt > 1:
+            metrics.LEASE_RECOVERIES.inc()
+            logger.info(
+                "job %s: started, attempt %d (recovered)",
+                claim.job_id,
+                claim.attempt,
+                extra={"recovered": True},
+            )
+            return items
+        if accepted is not None:
+            waited = started - accepted.at
+        elif job is not None:
+            waited = time.time() - datetime.fromisoformat(job.created_at).timestamp()
+        else:
+            waited = 0.0
+        waited = max(0.0, waited)  # the clocks of two processes may disagree a little
+        metrics.JOB_WAIT_SECONDS.observe(waited)
+        logger.info(
+            "job %s: started, attempt 1, waited %.3f s",
+            claim.job_id,
+            waited,
+            extra={"wait_seconds": round(waited, 6)},
+        )
+        return items
 
     async def _run(
         self, claim: Claim, input_json: str | None, control: FlowControl
@@ -353,11 +425,12 @@ class JobRunner:
             logger.exception("job %s: flow raised", claim.job_id)
             return Outcome(None, f"internal error: {type(error).__name__}: {error}")
 
-    async def _record(self, claim: Claim, outcome: Outcome, deadline: float) -> None:
+    async def _record(self, claim: Claim, outcome: Outcome, deadline: float) -> Outcome | None:
         """Record the outcome, retrying while the database refuses, until the job's deadline.
 
         The claim stays held (and heartbeated) meanwhile. Past the deadline the job is failed
-        with what went wrong, or, if even that cannot be written, let go for a retry.
+        with what went wrong, or, if even that cannot be written, let go for a retry. Returns
+        the outcome recorded, if one was.
         """
         delay = RECORD_RETRY_FIRST_SECONDS
         while True:
@@ -367,10 +440,9 @@ class JobRunner:
                 )
             except StoreError as error:
                 if claim not in self._store.held:
-                    return  # its lease was lost meanwhile (and said so)
+                    return None  # its lease was lost meanwhile (and said so)
                 if time.monotonic() + delay > deadline:
-                    await self._fail_unrecorded(claim, outcome, error)
-                    return
+                    return await self._fail_unrecorded(claim, outcome, error)
                 logger.warning(
                     "job %s: outcome not recorded (%s); retrying in %.1f s",
                     claim.job_id,
@@ -382,17 +454,22 @@ class JobRunner:
                 continue
             if not landed:
                 await self._say_lost(claim, "its outcome was discarded")
-            return
+                return None
+            return outcome
 
-    async def _fail_unrecorded(self, claim: Claim, outcome: Outcome, error: StoreError) -> None:
+    async def _fail_unrecorded(
+        self, claim: Claim, outcome: Outcome, error: StoreError
+    ) -> Outcome | None:
         logger.error("job %s: outcome not recorded before its deadline: %s", claim.job_id, error)
         if outcome.error is None:
             reason = getattr(error, "reason", "the database refused it")
+            failure = Outcome(None, f"internal error: the result could not be stored ({reason})")
             with contextlib.suppress(StoreError):
-                failure = f"internal error: the result could not be stored ({reason})"
-                await self._store.finish(claim, output_json=None, error=failure)
-                return
+                if await self._store.finish(claim, output_json=None, error=failure.error):
+                    return failure
+                return None
         await self._give_up(claim)
+        return None
 
     async def _give_up(self, claim: Claim) -> None:
         """Let the claim go so a sweep retries the job: released, or if even that fails, dropped."""
@@ -461,6 +538,30 @@ class JobRunner:
                 logger.exception("%s failed", action.__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(early.wait(), interval)
+
+
+def _total_items(job: JobRecord | None) -> int:
+    return job.progress.total_items if job is not None and job.progress is not None else 0
+
+
+def _say_finished(claim: Claim, outcome: Outcome, seconds: float, items: int) -> None:
+    """Log the outcome one run recorded, and count the run's duration."""
+    metrics.JOB_RUN_SECONDS.observe(seconds)
+    status = "completed" if outcome.error is None else "failed"
+    fields = {"status": status, "seconds": round(seconds, 6), "items": items}
+    if outcome.error is None:
+        logger.info(
+            "job %s: completed in %.3f s, %d objects", claim.job_id, seconds, items, extra=fields
+        )
+    else:
+        logger.info(
+            "job %s: failed in %.3f s, %d objects: %s",
+            claim.job_id,
+            seconds,
+            items,
+            outcome.error,
+            extra=fields,
+        )
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 
+from app.logs import detached_task
 from app.store import JobStore, StoreError
 
 POLL_SECONDS = 0.25
@@ -42,7 +43,7 @@ class StatusWaiters:
         self._waiting.setdefault(job_id, set()).add(waiter)
         self._count += 1
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll())
+            self._poller = detached_task(self._poll())
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, seconds)

@@ -492,7 +492,7 @@ async def test_recovered_jobs_are_logged_at_info(
     await runner.sweep()
     await final(store, A)
     await runner.stop()
-    assert f"job {A}: recovered, attempt 2" in caplog.text
+    assert f"job {A}: started, attempt 2 (recovered)" in caplog.text
 
 
 # Cancel.

@@ -318,6 +318,9 @@ class JobStore(Protocol):
     async def still_processing(self, job_ids: Sequence[str]) -> set[str]:
         """Those of these jobs that are processing (the others finished, or are gone)."""
 
+    async def count_unfinished(self) -> int:
+        """How many jobs are processing, in the whole database."""
+
     async def claim(self, job_id: str) -> Claim | None:
         """Claim this job: this process's own reservation of it, or a free or stale lease."""
 

@@ -16,10 +16,13 @@ than one timeout each.
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
+from app.logs import detached_task
+from app.metrics import STORE_BATCH_SIZE, STORE_COMMIT_SECONDS
 from app.store import Clock, StoreConflictError, StoreError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -123,7 +126,7 @@ class GroupCommit(Generic[Tx]):
     def wake(self) -> None:
         """Make sure something is draining the queues."""
         if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain())
+            self._drainer = detached_task(self._drain())
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been applied."""
@@ -162,9 +165,12 @@ class GroupCommit(Generic[Tx]):
         for attempt in range(1, CONFLICT_RETRIES + 1):
             try:
                 now = self._clock()
+                started = time.perf_counter()
                 async with self._transaction() as tx:
                     for batch in batches:
                         await batch.apply(tx, now)
+                STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
+                STORE_BATCH_SIZE.observe(sum(map(len, batches)))
                 break
             except StoreConflictError as error:
                 if attempt == CONFLICT_RETRIES:

@@ -29,6 +29,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.config import redact
+from app.metrics import counted
 from app.store import (
     StoreConflictError,
     StoreError,
@@ -372,6 +373,9 @@ class PostgresDatabase:
             raise self._translate(error) from error
 
     def _translate(self, error: Exception) -> StoreError:
+        return counted(self._classify(error))
+
+    def _classify(self, error: Exception) -> StoreError:
         message = f"PostgreSQL database {self.url} is unavailable: {error}"
         if isinstance(error, PoolTimeout):
             return StoreUnavailableError(message, "the database is not answering")

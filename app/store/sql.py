@@ -25,6 +25,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar, overload
 
+from app import metrics
 from app.batching import Batcher
 from app.jobs import Claim, JobStatus
 from app.store import (
@@ -697,7 +698,11 @@ class SQLJobStore:
 
     def _ended(self, ops: Sequence[Finish], landed: Sequence[bool]) -> None:
         self._held.discard(op.claim for op in ops)
-        self._report_finished([op.claim.job_id for op, ok in zip(ops, landed, strict=True) if ok])
+        finished = [op for op, ok in zip(ops, landed, strict=True) if ok]
+        failed = sum(op.error is not None for op in finished)
+        metrics.count_finished(JobStatus.COMPLETED, len(finished) - failed)
+        metrics.count_finished(JobStatus.FAILED, failed)
+        self._report_finished([op.claim.job_id for op in finished])
 
     # Claims by id.
 
@@ -826,7 +831,9 @@ class SQLJobStore:
             # A reservation of this process's own, past its grace time, may be among them.
             self._held.discard(Claim(claim.job_id, self._owner, 0) for claim in claimed)
             self._held.add(claimed)
-        self._report_finished(list(dict.fromkeys(j for swept in results for j in swept.failed)))
+        failed = list(dict.fromkeys(j for swept in results for j in swept.failed))
+        metrics.count_finished(JobStatus.FAILED, len(failed))
+        self._report_finished(failed)
 
     # Cancels, deletions, purges.
 
@@ -858,6 +865,8 @@ class SQLJobStore:
         # Whatever this process held of those jobs is void now: their lease rows are gone.
         cancelled = set(done)
         self._held.discard([claim for claim in self._held if claim.job_id in cancelled])
+        metrics.count_finished(JobStatus.FAILED, len(done))
+        metrics.JOBS_CANCELLED.inc(len(done))
         self._report_finished(done)
 
     async def _is_tenants(self, tx: Transaction, op: JobRequest) -> bool:
@@ -957,6 +966,11 @@ class SQLJobStore:
             sql = self._sql(LEASED, ids=marks(len(chunk)))
             found.update(job_id for (job_id,) in await self._db.fetch(sql, chunk))
         return found
+
+    async def count_unfinished(self) -> int:
+        """How many jobs are processing, in the whole database (one count of the lease rows)."""
+        [(unfinished,)] = await self._db.fetch(self._sql(COUNT_UNFINISHED), ())
+        return int(unfinished)
 
     async def load_input(self, job_id: str) -> str | None:
         """Return the job's input JSON."""

@@ -16,6 +16,8 @@ from typing import Any
 
 import aiosqlite
 
+from app.logs import detached_task
+from app.metrics import counted
 from app.store import StoreCorruptError, StoreError, StoreSetupError, StoreUnavailableError
 from app.store.owner_files import OwnerFileLocks, owners_directory
 from app.store.sql import Dialect, Row, Transaction, upgrade_schema
@@ -126,6 +128,10 @@ def sqlite_path(database_url: str) -> Path:
 
 
 def _translate(error: sqlite3.Error, path: Path) -> StoreError:
+    return counted(_classify(error, path))
+
+
+def _classify(error: sqlite3.Error, path: Path) -> StoreError:
     message = str(error)
     if isinstance(error, sqlite3.DatabaseError) and (
         "not a database" in message or "malformed" in message
@@ -223,7 +229,7 @@ class SQLiteDatabase:
             self._reader = await self._connect()
             await self._reader.execute("PRAGMA query_only = ON")
             self._checkpointer = await self._connect()
-            self._checkpoints = asyncio.create_task(self._checkpoint_after_writes())
+            self._checkpoints = detached_task(self._checkpoint_after_writes())
             self._hold_owner_lock(owner)
         except BaseException as error:
             await self.close()

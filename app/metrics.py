@@ -1,0 +1,199 @@
+"""Prometheus metrics: what the service counts, and the middleware that times HTTP requests.
+
+The metrics live in prometheus-client's default registry, beside its process and Python
+collectors, and are counted where things happen: the runner counts runs, the store counts
+what its writes commit. Everything is counted in the server process: worker processes
+(``FLOW_PROCESSES``) only compute flows, and the runner that sent them the work records how
+it went, so one scrape of the server sees all of it.
+"""
+
+import time
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.jobs import JobStatus
+from app.store import StoreConflictError, StoreError, StoreUnavailableError
+
+# No ``*_created`` series beside every counter and histogram: they double what a scrape
+# carries, and Prometheus reads a counter's resets from the counter itself.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Seconds, from a few milliseconds (a small job) to the default JOB_TIMEOUT_SECONDS.
+JOB_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+COMMIT_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The one route label of every path no route matches, so scanners cannot grow the label set.
+UNMATCHED_ROUTE = "unmatched"
+# Methods counted by name; any other a client invents is counted as "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+JOBS_SUBMITTED = Counter(
+    "expand_reduce_jobs_submitted",
+    "Jobs accepted (answered 202) by this process; replays of an idempotent submit not counted.",
+)
+JOBS_FINISHED = Counter(
+    "expand_reduce_jobs_finished",
+    "Jobs whose final status this process wrote (each job is counted once, by one process).",
+    ["status"],
+)
+JOBS_CANCELLED = Counter(
+    "expand_reduce_jobs_cancelled",
+    "Jobs cancelled through this process; each is also counted as finished with status=failed.",
+)
+JOB_RUN_SECONDS = Histogram(
+    "expand_reduce_job_run_seconds",
+    "One run of a job, from its claim to its outcome being recorded.",
+    buckets=JOB_SECONDS,
+)
+JOB_WAIT_SECONDS = Histogram(
+    "expand_reduce_job_wait_seconds",
+    "From a job's submission to its first start.",
+    buckets=JOB_SECONDS,
+)
+JOBS_RUNNING = Gauge("expand_reduce_jobs_running", "Jobs running in this process now.")
+JOBS_UNFINISHED = Gauge(
+    "expand_reduce_jobs_unfinished",
+    "Jobs still processing (queued or running) in the whole database, read at scrape time.",
+)
+LEASE_RECOVERIES = Counter(
+    "expand_reduce_lease_recoveries",
+    "Jobs this process took over after an earlier attempt (another owner's, or its own lost "
+    "one) did not finish.",
+)
+LEASE_LOST = Counter(
+    "expand_reduce_lease_lost",
+    "Runs of this process that lost their lease before finishing (cancellations not counted).",
+)
+STORE_COMMIT_SECONDS = Histogram(
+    "expand_reduce_store_commit_seconds",
+    "One group-commit transaction, from its start to its commit.",
+    buckets=COMMIT_SECONDS,
+)
+STORE_BATCH_SIZE = Histogram(
+    "expand_reduce_store_batch_size",
+    "Operations written by one group-commit transaction.",
+    buckets=BATCH_SIZES,
+)
+STORE_ERRORS = Counter(
+    "expand_reduce_store_errors",
+    "Database operations that failed, by reason.",
+    ["reason"],
+)
+HTTP_REQUESTS = Counter(
+    "expand_reduce_http_requests",
+    "HTTP requests answered, by route template, method and status code.",
+    ["route", "method", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "expand_reduce_http_request_duration_seconds",
+    "From a request's arrival to the end of its response, by route template and method.",
+    ["route", "method"],
+)
+
+# A store error's reason, in a few fixed words (the errors' own messages are for people).
+_STORE_REASONS = {
+    "the database is busy": "busy",
+    "the database is read-only": "read_only",
+    "the database disk is full": "disk_full",
+    "the database is not answering": "unreachable",
+    "the database is unreachable": "unreachable",
+    "the service is stopping": "closed",
+}
+
+
+def store_error_reason(error: StoreError) -> str:
+    """The ``reason`` label of a store error."""
+    if isinstance(error, StoreConflictError):
+        return "conflict"
+    if isinstance(error, StoreUnavailableError):
+        return _STORE_REASONS.get(error.reason, "unavailable")
+    return "error"
+
+
+def counted(error: StoreError) -> StoreError:
+    """Count a store error as it is raised; returns it."""
+    STORE_ERRORS.labels(store_error_reason(error)).inc()
+    return error
+
+
+def count_finished(status: JobStatus, count: int = 1) -> None:
+    """Count jobs whose final status a committed write of this process recorded."""
+    if count:
+        JOBS_FINISHED.labels(status.value).inc(count)
+
+
+def preset_labels() -> None:
+    """Make the labelled series exist at 0 before anything happens, so rates start there."""
+    for status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        JOBS_FINISHED.labels(status.value)
+
+
+class HttpMetrics:
+    """ASGI middleware counting and timing requests by route template, method and status.
+
+    The route is the template the router matched (``/check_status/{job_id}``), read after
+    the app has answered; paths no route matches share ``UNMATCHED_ROUTE``. Pure ASGI rather
+    than Starlette's ``BaseHTTPMiddleware``, which costs a task and a queue per request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        # Labelled children by label values: ``labels()`` takes a lock and builds a key.
+        self._counters: dict[tuple[str, str, int], Callable[[], None]] = {}
+        self._timers: dict[tuple[str, str], Callable[[float], None]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on; once it is answered, count it."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless a response starts: the app raised, and the server answers 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED_ROUTE
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self._observe(template, method, status, time.perf_counter() - started)
+
+    def _observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        count = self._counters.get((route, method, status))
+        if count is None:
+            count = HTTP_REQUESTS.labels(route, method, str(status)).inc
+            self._counters[(route, method, status)] = count
+        count()
+        observe = self._timers.get((route, method))
+        if observe is None:
+            observe = HTTP_REQUEST_SECONDS.labels(route, method).observe
+            self._timers[(route, method)] = observe
+        observe(seconds)
+
+
+class UnfinishedGauge:
+    """Sets ``expand_reduce_jobs_unfinished`` from the database, at most once a second."""
+
+    def __init__(self, count: Callable[[], Awaitable[int]], max_age: float = 1.0) -> None:
+        self._count = count
+        self._max_age = max_age
+        self._read_at = float("-inf")
+
+    async def refresh(self) -> None:
+        """Read the count again unless the last read is recent; keep the last on failure."""
+        now = time.monotonic()
+        if now - self._read_at < self._max_age:
+            return
+        try:
+            JOBS_UNFINISHED.set(await self._count())
+        except StoreError:
+            return  # counted as a store error; the gauge keeps its last value
+        self._read_at = now
