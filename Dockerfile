@@ -16,7 +16,8 @@ FROM python:3.11-slim
 ENV PATH=/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    DATABASE_URL=sqlite:////data/jobs.db
+    DATABASE_URL=sqlite:////data/jobs.db \
+    LOG_FORMAT=json
 # A numeric user, so Kubernetes' runAsNonRoot can verify it; the database lives on a volume,
 # so the root filesystem can be read-only.
 RUN mkdir /data && chown 10001:10001 /data

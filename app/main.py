@@ -17,7 +17,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
 
@@ -25,7 +25,7 @@ from app import api, api_docs, metrics
 from app.auth import ApiKeys
 from app.config import Settings, redact
 from app.logs import configure_logging, is_sane_request_id
-from app.metrics import HttpMetrics, UnfinishedGauge
+from app.metrics import HttpMetrics, ScrapeTimeGauges
 from app.retention import Retention
 from app.runner import JobRunner
 from app.schemas import job_request_schema
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # starting it, and they should look like the rest.
     configure_logging(settings.log_level, settings.log_format)
     keys = ApiKeys(settings.read_api_keys())
-    unfinished: list[UnfinishedGauge] = []  # the running app's, once it has a store
+    scrape_time: list[ScrapeTimeGauges] = []  # the running app's, once it has a store
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner = JobRunner(store, workers, settings)
         waiters = StatusWaiters(store, settings.long_poll_max_waiters)
         app.state.services = api.Services(settings, store, runner, workers, keys, waiters)
-        unfinished[:] = [UnfinishedGauge(store.count_unfinished)]
+        scrape_time[:] = [ScrapeTimeGauges(store.count_unfinished, lambda: runner.accepting)]
         await runner.start()
         retention = Retention(store, settings)
         retention.start()
@@ -171,9 +171,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         @app.get("/metrics", include_in_schema=False)
         async def prometheus_metrics() -> Response:
             # Open like /healthz even with API keys on: a scraper has no tenant.
-            for gauge in unfinished:
-                await gauge.refresh()
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            for gauges in scrape_time:
+                await gauges.refresh()
+            return Response(generate_latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
         metrics.preset_labels()
         app.add_middleware(HttpMetrics)

@@ -57,6 +57,10 @@ JOBS_UNFINISHED = Gauge(
     "expand_reduce_jobs_unfinished",
     "Jobs still processing (queued or running) in the whole database, read at scrape time.",
 )
+READY = Gauge(
+    "expand_reduce_ready",
+    "1 while this process would answer /readyz with 200 (read at scrape time), else 0.",
+)
 LEASE_RECOVERIES = Counter(
     "expand_reduce_lease_recoveries",
     "Jobs this process took over after an earlier attempt (another owner's, or its own lost "
@@ -128,6 +132,8 @@ def preset_labels() -> None:
     """Make the labelled series exist at 0 before anything happens, so rates start there."""
     for status in (JobStatus.COMPLETED, JobStatus.FAILED):
         JOBS_FINISHED.labels(status.value)
+    for reason in {*_STORE_REASONS.values(), "conflict", "unavailable", "error"}:
+        STORE_ERRORS.labels(reason)
 
 
 class HttpMetrics:
@@ -179,21 +185,34 @@ class HttpMetrics:
         observe(seconds)
 
 
-class UnfinishedGauge:
-    """Sets ``expand_reduce_jobs_unfinished`` from the database, at most once a second."""
+class ScrapeTimeGauges:
+    """Sets the gauges read from the database at scrape time, at most once a second.
 
-    def __init__(self, count: Callable[[], Awaitable[int]], max_age: float = 1.0) -> None:
-        self._count = count
+    ``expand_reduce_jobs_unfinished`` is one count of the lease rows; ``expand_reduce_ready``
+    is what ``/readyz`` would answer: 1 while the database answers (that count) and the
+    process is not shutting down.
+    """
+
+    def __init__(
+        self,
+        count_unfinished: Callable[[], Awaitable[int]],
+        accepting: Callable[[], bool],
+        max_age: float = 1.0,
+    ) -> None:
+        self._count_unfinished = count_unfinished
+        self._accepting = accepting
         self._max_age = max_age
         self._read_at = float("-inf")
 
     async def refresh(self) -> None:
-        """Read the count again unless the last read is recent; keep the last on failure."""
+        """Read the database again unless the last read is recent."""
         now = time.monotonic()
         if now - self._read_at < self._max_age:
             return
-        try:
-            JOBS_UNFINISHED.set(await self._count())
-        except StoreError:
-            return  # counted as a store error; the gauge keeps its last value
         self._read_at = now
+        try:
+            JOBS_UNFINISHED.set(await self._count_unfinished())
+        except StoreError:  # counted as a store error; the count keeps its last value
+            READY.set(0)
+            return
+        READY.set(1 if self._accepting() else 0)
