@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
 
-from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -24,7 +23,8 @@ from swagger_ui_bundle import swagger_ui_path
 from app import api, api_docs, metrics
 from app.auth import ApiKeys
 from app.config import Settings, redact
-from app.logs import configure_logging, is_sane_request_id
+from app.edge import Edge
+from app.logs import REQUEST_ID_HEADER, configure_logging, current_request_id
 from app.metrics import HttpMetrics, ScrapeTimeGauges
 from app.retention import Retention
 from app.runner import JobRunner
@@ -44,7 +44,6 @@ DESCRIPTION = (
 SWAGGER_ASSETS = "/static/swagger-ui"
 # Paths open without an API key even when keys are on.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-REQUEST_ID_HEADER = "X-Request-ID"
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration is wrong (the settings, or the database file)
 EXIT_DATABASE_UNAVAILABLE = 69  # EX_UNAVAILABLE: the database could not be reached in time
 
@@ -176,14 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return Response(generate_latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
         metrics.preset_labels()
-        app.add_middleware(HttpMetrics)
-    # Added last, so it is outermost: every record of a request carries its id.
-    app.add_middleware(
-        CorrelationIdMiddleware,
-        header_name=REQUEST_ID_HEADER,
-        validator=is_sane_request_id,
-        update_request_header=False,
-    )
+    app.add_middleware(Edge, metrics=HttpMetrics() if settings.metrics_enabled else None)
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(StoreUnavailableError, store_unavailable)
     app.add_exception_handler(Exception, internal_error)
@@ -243,7 +235,7 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
         raise error
     logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
     # Answered outside the request-id middleware, which cannot add its header here.
-    request_id = correlation_id.get()
+    request_id = current_request_id()
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
     return JSONResponse({"detail": "Internal server error"}, status_code=500, headers=headers)
 

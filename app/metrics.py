@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from app.jobs import JobStatus
 from app.store import StoreConflictError, StoreError, StoreUnavailableError
@@ -137,51 +137,30 @@ def preset_labels() -> None:
 
 
 class HttpMetrics:
-    """ASGI middleware counting and timing requests by route template, method and status.
+    """Counts and times requests by route template, method and status.
 
-    The route is the template the router matched (``/check_status/{job_id}``), read after
-    the app has answered; paths no route matches share ``UNMATCHED_ROUTE``. Pure ASGI rather
-    than Starlette's ``BaseHTTPMiddleware``, which costs a task and a queue per request.
+    The route is the template the router matched (``/check_status/{job_id}``), read from the
+    scope after the app has answered; paths no route matches share ``UNMATCHED_ROUTE``.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         # Labelled children by label values: ``labels()`` takes a lock and builds a key.
         self._counters: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._timers: dict[tuple[str, str], Callable[[float], None]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass the request on; once it is answered, count it."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # unless a response starts: the app raised, and the server answers 500
-
-        async def send_and_note_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note_status)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or UNMATCHED_ROUTE
-            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
-            self._observe(template, method, status, time.perf_counter() - started)
-
-    def _observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        count = self._counters.get((route, method, status))
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        template = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+        method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+        count = self._counters.get((template, method, status))
         if count is None:
-            count = HTTP_REQUESTS.labels(route, method, str(status)).inc
-            self._counters[(route, method, status)] = count
+            count = HTTP_REQUESTS.labels(template, method, str(status)).inc
+            self._counters[(template, method, status)] = count
         count()
-        observe = self._timers.get((route, method))
+        observe = self._timers.get((template, method))
         if observe is None:
-            observe = HTTP_REQUEST_SECONDS.labels(route, method).observe
-            self._timers[(route, method)] = observe
+            observe = HTTP_REQUEST_SECONDS.labels(template, method).observe
+            self._timers[(template, method)] = observe
         observe(seconds)
 
 

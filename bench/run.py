@@ -345,6 +345,31 @@ def measure_service(args: argparse.Namespace, work: Path, big_body: bytes) -> di
     }
 
 
+def measure_metrics_cost(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """The submit rate with metrics on and off, side by side: the best of two runs of each.
+
+    Each run is a fresh server on a fresh database, the two settings alternating, so drift in
+    the machine's speed falls on both alike.
+    """
+    rates: dict[str, list[float]] = {"true": [], "false": []}
+    for run in range(2):
+        for enabled in ("true", "false"):
+            db_path = work / f"metrics-{enabled}-{run}.db"
+            env = {"DATABASE_URL": f"sqlite:///{db_path}", "METRICS_ENABLED": enabled}
+            with serve("app.main:app", env, work / "metrics.log") as server:
+                url = f"{server.base_url}/expand_reduce_flow/"
+                wrk(url, connections=args.connections, seconds=1, script=post_script(work))
+                submit = wrk(
+                    url,
+                    connections=args.connections,
+                    seconds=args.seconds,
+                    script=post_script(work),
+                )
+                assert submit.non_2xx == 0, submit
+                rates[enabled].append(submit.rate)
+    return {"on": max(rates["true"]), "off": max(rates["false"])}
+
+
 def measure_housekeeping(args: argparse.Namespace, work: Path) -> dict[str, object]:
     """Status p99 of other clients while 500 long-poll waiters wait, and during a purge.
 
@@ -514,6 +539,7 @@ def main() -> None:
         ceiling = measure_ceiling(args, work)
         service = measure_service(args, work, big_body)
         housekeeping = measure_housekeeping(args, work)
+        metrics_cost = measure_metrics_cost(args, work)
     bare = _pinned(big_body)
     waits, purge = housekeeping["waits"], housekeeping["purge"]
     assert isinstance(waits, WrkResult)
@@ -572,6 +598,14 @@ def main() -> None:
             stall.p99_ms < 50 and stall.timeouts == 0 and stall.max_ms < 2000,
         ),
         ("peak RSS, server + workers (MB)", f"{peak:.0f}", "", None, "< 200", peak < 200),
+        (
+            "submit rate, metrics on (req/s)",
+            f"{metrics_cost['on']:,.0f}",
+            f"{metrics_cost['off']:,.0f} off",
+            metrics_cost["on"] / metrics_cost["off"],
+            "≥ 0.95",
+            metrics_cost["on"] / metrics_cost["off"] >= 0.95,
+        ),
         (
             "long-poll answer after the job finished, worst of 10 (ms)",
             f"{max(lags) * 1000:.0f}",
