@@ -13,6 +13,7 @@ not carry the ids of whichever caller happened to start it.
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import os
 import re
@@ -38,6 +39,11 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode()
 
+# Ids made here: 48 random bits for the process, then a count, so they are unique across
+# replicas and restarts without a system call per request.
+_ID_PREFIX = os.urandom(6).hex()
+_request_numbers = itertools.count(1)
+
 _job: contextvars.ContextVar[Claim | None] = contextvars.ContextVar("job", default=None)
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -51,11 +57,11 @@ def request_id_for(headers: list[tuple[bytes, bytes]]) -> str:
     """The id of a request with these (raw ASGI) headers, set for its task.
 
     A sane ``X-Request-ID`` the client sent is kept (a proxy's or the client's own, to follow
-    a request across services); otherwise a random 128-bit one is made. Not reset after the
-    request: each request runs in a task of its own, and the server's error handler, outside
-    the middleware, still logs under the id.
+    a request across services); otherwise one is made: 32 hex digits, unique across processes.
+    Not reset after the request: each request runs in a task of its own, and the server's
+    error handler, outside the middleware, still logs under the id.
     """
-    request_id = _sent_id(headers) or os.urandom(16).hex()
+    request_id = _sent_id(headers) or f"{_ID_PREFIX}{next(_request_numbers):020x}"
     _request_id.set(request_id)
     return request_id
 

@@ -122,16 +122,23 @@ def counted(error: StoreError) -> StoreError:
     return error
 
 
+# The two final statuses' series, made once (``labels()`` takes a lock and builds a key).
+_FINISHED = {
+    status: JOBS_FINISHED.labels(status.value) for status in (JobStatus.COMPLETED, JobStatus.FAILED)
+}
+
+
 def count_finished(status: JobStatus, count: int = 1) -> None:
     """Count jobs whose final status a committed write of this process recorded."""
     if count:
-        JOBS_FINISHED.labels(status.value).inc(count)
+        _FINISHED[status].inc(count)
 
 
 def preset_labels() -> None:
-    """Make the labelled series exist at 0 before anything happens, so rates start there."""
-    for status in (JobStatus.COMPLETED, JobStatus.FAILED):
-        JOBS_FINISHED.labels(status.value)
+    """Make the store errors' series exist at 0 before any happens, so rates start there.
+
+    (The finished jobs' two series exist from the start.)
+    """
     for reason in {*_STORE_REASONS.values(), "conflict", "unavailable", "error"}:
         STORE_ERRORS.labels(reason)
 
