@@ -29,6 +29,7 @@ from pythonjsonlogger.orjson import OrjsonFormatter
 from app.jobs import Claim
 
 T = TypeVar("T")
+LogFormat = Literal["text", "json"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The loggers whose records go to the service's one handler.
@@ -120,7 +121,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def formatter(log_format: Literal["text", "json"]) -> logging.Formatter:
+def formatter(log_format: LogFormat) -> logging.Formatter:
     """The formatter of ``LOG_FORMAT``."""
     if log_format == "json":
         return OrjsonFormatter(
@@ -148,7 +149,7 @@ class _TextFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"
 
 
-def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
+def configure_logging(level: str, log_format: LogFormat) -> None:
     """One handler on the root logger, in ``log_format``; the service's loggers at ``level``.
 
     Safe to call again (each app does): the handler it added before is replaced.
@@ -161,6 +162,8 @@ def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
     handler.addFilter(ContextFields())
     root.addHandler(handler)
     logging.getLogger("app").setLevel(level.upper())
+    # Python's warnings (a library's deprecation, say) as records, not raw lines on stderr.
+    logging.captureWarnings(True)
     for name in UVICORN_LOGGERS:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()

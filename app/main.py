@@ -114,7 +114,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except StoreUnavailableError as error:
             logger.critical("cannot start: %s", error)
             os._exit(EXIT_DATABASE_UNAVAILABLE)
-        workers = CpuWorkers(settings.flow_processes, settings.flow_process_threshold_bytes)
+        workers = CpuWorkers(
+            settings.flow_processes,
+            settings.flow_process_threshold_bytes,
+            (settings.log_level, settings.log_format),
+        )
         workers.start()
         runner = JobRunner(store, workers, settings)
         waiters = StatusWaiters(store, settings.long_poll_max_waiters)

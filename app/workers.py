@@ -23,11 +23,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any, TypeVar
 
 from app.batching import Batcher
 from app.flow import expand_reduce_json
+from app.logs import LogFormat, configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -82,22 +82,28 @@ class FlowControl:
 
 # In a worker process: per flow the parent may run there at once, a stop flag and a count of
 # the objects done, in shared memory.
-_stop_flags: "SynchronizedArray[Any] | None" = None
-_done_counts: "SynchronizedArray[Any] | None" = None
+_stop_flags: "ctypes.Array[Any] | None" = None
+_done_counts: "ctypes.Array[Any] | None" = None
 
 
 class CpuWorkers:
     """Runs a function of one string or bytes argument in a thread or a worker process."""
 
-    def __init__(self, processes: int, threshold_bytes: int) -> None:
+    def __init__(
+        self, processes: int, threshold_bytes: int, logs: tuple[str, LogFormat] = ("INFO", "text")
+    ) -> None:
         self._processes = processes
+        self._logs = logs  # the worker processes' log level and format, as the server's
         self._threshold = threshold_bytes
         self._pool: ProcessPoolExecutor | None = None
         # Large flows in worker processes are limited to one per process (the runner's lanes),
         # so that many stop flags are enough; a flow without one cannot be stopped early.
         context = multiprocessing.get_context("spawn")
-        self._stop_flags = context.Array("b", max(processes, 1)) if processes else None
-        self._done_counts = context.Array("q", max(processes, 1)) if processes else None
+        # Raw (lock-free) shared memory: each slot has one writer, and a byte or an aligned
+        # 64-bit count is read whole. A lock would be a named semaphore that the resource
+        # tracker reports as leaked, in plain text, at shutdown.
+        self._stop_flags = context.RawArray("b", max(processes, 1)) if processes else None
+        self._done_counts = context.RawArray("q", max(processes, 1)) if processes else None
         self._free_flags = list(range(processes))
         # Without worker processes, large payloads take turns on one thread of their own: one
         # large payload's memory at a time, in one malloc arena that is trimmed after each.
@@ -182,7 +188,7 @@ class CpuWorkers:
                 self._processes,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(os.getpid(), self._stop_flags, self._done_counts),
+                initargs=(os.getpid(), self._stop_flags, self._done_counts, self._logs),
             )
         return self._pool
 
@@ -244,11 +250,13 @@ def _then_trim(function: Callable[[Payload], T], payload: Payload) -> T:
 
 def _start_worker(
     parent_pid: int,
-    stop_flags: "SynchronizedArray[Any] | None",
-    done_counts: "SynchronizedArray[Any] | None",
+    stop_flags: "ctypes.Array[Any] | None",
+    done_counts: "ctypes.Array[Any] | None",
+    logs: tuple[str, LogFormat],
 ) -> None:
     global _stop_flags, _done_counts
     _stop_flags, _done_counts = stop_flags, done_counts
+    configure_logging(*logs)  # whatever a worker logs or warns reads like the server's lines
     return_large_buffers_to_the_system()
     exit_with_parent(parent_pid)
 
