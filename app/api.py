@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 import orjson
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.requests import ClientDisconnect
 
 from app.api_docs import (
     CANCEL_DOCS,
@@ -65,6 +66,7 @@ IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 TIMESTAMP_PATTERN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", re.ASCII)
 MAX_WAIT_SECONDS = 30.0
 QUEUE_FULL_RETRY_AFTER = "2"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,10 +379,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         _too_large(limit)
     body = bytearray()  # grown in place: no list of chunks alive beside their join
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > limit:
-            _too_large(limit)
-        body += chunk
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                _too_large(limit)
+            body += chunk
+    except ClientDisconnect:
+        # Nobody is left to answer; 499 (nginx's "client closed request") is for the access
+        # log and the metrics, so a client's timeout does not count as our error.
+        raise HTTPException(CLIENT_CLOSED_REQUEST, "The client closed the request") from None
     return bytes(body)
 
 

@@ -1,5 +1,6 @@
 """The ASGI application: ``create_app(settings)``, and ``app`` for ``uvicorn app.main:app``."""
 
+import contextvars
 import logging
 import os
 import signal
@@ -53,11 +54,19 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
+        # In the format asked for, if that much can be read: a log collector expecting JSON
+        # should get this too.
+        as_json = os.environ.get("LOG_FORMAT", "").strip().lower() == "json"
+        if as_json:
+            configure_logging("INFO", "json")
         for problem in error.errors():
             name = "_".join(str(part) for part in problem["loc"]).upper()
             message = problem["msg"].removeprefix("Value error, ")
             where = f"{name}: " if name and name not in message else ""
-            sys.stderr.write(f"invalid settings: {where}{message}\n")
+            if as_json:
+                logger.critical("invalid settings: %s%s", where, message)
+            else:
+                sys.stderr.write(f"invalid settings: {where}{message}\n")
         raise SystemExit(EXIT_CONFIG) from None
 
 
@@ -73,7 +82,10 @@ def drain_on_signals(runner: JobRunner) -> Callable[[], None]:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(sig: int, frame: FrameType | None) -> None:
-        logger.info("received %s: taking no new jobs", signal.Signals(sig).name)
+        # Whatever task the signal interrupted, its request or job is not what this is about.
+        contextvars.Context().run(
+            logger.info, "received %s: taking no new jobs", signal.Signals(sig).name
+        )
         runner.begin_drain()
         chained = previous[signal.Signals(sig)]
         if callable(chained):
@@ -179,7 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return Response(generate_latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
         metrics.preset_labels()
-    app.add_middleware(Edge, metrics=HttpMetrics() if settings.metrics_enabled else None)
+    app.add_middleware(Edge, metrics=HttpMetrics(app.routes) if settings.metrics_enabled else None)
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(StoreUnavailableError, store_unavailable)
     app.add_exception_handler(Exception, internal_error)

@@ -8,9 +8,10 @@ it went, so one scrape of the server sees all of it.
 """
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Scope
 
 from app.jobs import JobStatus
@@ -101,6 +102,7 @@ _STORE_REASONS = {
     "the database is busy": "busy",
     "the database is read-only": "read_only",
     "the database disk is full": "disk_full",
+    "the database disk failed": "io_error",
     "the database is not answering": "unreachable",
     "the database is unreachable": "unreachable",
     "the service is stopping": "closed",
@@ -147,17 +149,22 @@ class HttpMetrics:
     """Counts and times requests by route template, method and status.
 
     The route is the template the router matched (``/check_status/{job_id}``), read from the
-    scope after the app has answered; paths no route matches share ``UNMATCHED_ROUTE``.
+    scope after the app has answered: FastAPI's own routes leave themselves there; the others
+    (the OpenAPI document, the docs' static files) leave their endpoint, which ``routes``
+    maps back to its template. Paths no route matches share ``UNMATCHED_ROUTE``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, routes: Sequence[BaseRoute] = ()) -> None:
+        self._routes = routes  # the app's, read when an unknown endpoint first shows up
+        self._templates: dict[int, str] = {}
         # Labelled children by label values: ``labels()`` takes a lock and builds a key.
         self._counters: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._timers: dict[tuple[str, str], Callable[[float], None]] = {}
 
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
         """Count one answered request."""
-        template = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+        route = scope.get("route")
+        template = route.path if route is not None else self._template_of(scope.get("endpoint"))
         method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
         count = self._counters.get((template, method, status))
         if count is None:
@@ -169,6 +176,19 @@ class HttpMetrics:
             observe = HTTP_REQUEST_SECONDS.labels(template, method).observe
             self._timers[(template, method)] = observe
         observe(seconds)
+
+    def _template_of(self, endpoint: object) -> str:
+        if endpoint is None:
+            return UNMATCHED_ROUTE
+        if (template := self._templates.get(id(endpoint))) is None:
+            template = UNMATCHED_ROUTE
+            for route in self._routes:
+                if isinstance(route, Mount) and route.app is endpoint:
+                    template = f"{route.path}/{{path}}"
+                elif isinstance(route, Route) and route.endpoint is endpoint:
+                    template = route.path
+            self._templates[id(endpoint)] = template
+        return template
 
 
 class ScrapeTimeGauges:

@@ -194,6 +194,13 @@ class JobRunner:
         """
         result = await self._store.cancel_job(job_id, tenant=tenant)
         if result is CancelResult.CANCELLED:
+            # The job's finished line: a run of it, here or elsewhere, stops without one.
+            logger.info(
+                "job %s: failed: %s",
+                job_id,
+                CANCELLED_ERROR,
+                extra={**job_fields(job_id), "status": "failed"},
+            )
             for claim, control in self._runs.items():
                 if claim.job_id == job_id:
                     control.stop()

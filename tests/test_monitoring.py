@@ -6,7 +6,7 @@ before and after what a test does rather than against zero.
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -131,6 +131,8 @@ async def test_route_label_is_the_template_and_unknown_paths_and_methods_fold_in
         assert (await client.get(f"/check_status/{job_id}")).status_code == 404
         assert (await client.get(f"/no/such/{job_id}")).status_code == 404
     assert (await client.request("BREW", "/healthz")).status_code == 405
+    assert (await client.get("/openapi.json")).status_code == 200
+    assert (await client.get("/static/swagger-ui/swagger-ui.css")).status_code == 200
     samples = await scrape(client)
     requests = {
         labels: count
@@ -143,6 +145,12 @@ async def test_route_label_is_the_template_and_unknown_paths_and_methods_fold_in
     assert requests[template] >= 3
     assert requests[(("method", "GET"), ("route", "unmatched"), ("status", "404"))] >= 3
     assert requests[(("method", "other"), ("route", "/healthz"), ("status", "405"))] >= 1
+    # Routes that are not FastAPI's own: the OpenAPI document, a mount of static files.
+    assert requests[(("method", "GET"), ("route", "/openapi.json"), ("status", "200"))] >= 1
+    static = (("method", "GET"), ("route", "/static/swagger-ui/{path}"), ("status", "200"))
+    assert requests[static] >= 1
+    unmatched_ok = (("method", "GET"), ("route", "unmatched"), ("status", "200"))
+    assert unmatched_ok not in requests
     assert (
         value(
             samples,
@@ -265,3 +273,59 @@ async def test_a_job_logs_accepted_started_and_finished_with_its_id_and_the_requ
     assert [getattr(record, "attempt", None) for record in lines] == [None, 1, 1]
     assert lines[2].status == "completed"  # type: ignore[attr-defined]
     assert lines[2].items == 1  # type: ignore[attr-defined]
+
+
+async def test_a_client_that_leaves_mid_upload_is_a_499_not_a_server_error(
+    app: FastAPI, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = await scrape(client)
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"job": {"input_data": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/expand_reduce_flow/",
+        "raw_path": b"/expand_reduce_flow/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100000")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    await app(scope, receive, send)
+    after = await scrape(client)
+    name = "expand_reduce_http_requests_total"
+    labels = {"route": "/expand_reduce_flow/", "method": "POST"}
+
+    def delta(status: str) -> float:
+        return value(after, name, **labels, status=status) - value(
+            before, name, **labels, status=status
+        )
+
+    assert delta("499") == 1
+    assert delta("500") == 0
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_a_cancelled_job_logs_its_finished_line_with_its_id(
+    app: FastAPI, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app")
+    job_id = await queued(app)
+    assert (await client.post(f"/jobs/{job_id}/cancel")).status_code == 202
+    [line] = [record for record in caplog.records if getattr(record, "job_id", None) == job_id]
+    assert line.getMessage() == f"job {job_id}: failed: cancelled at the client's request"
+    assert line.status == "failed"  # type: ignore[attr-defined]

@@ -808,8 +808,6 @@ class SQLJobStore:
             failed = JobStatus.FAILED.value
             rows = [(failed, None, self._exhausted_error, stamp, job_id) for job_id in exhausted]
             await tx.execute_many(self._sql(RECORD_OUTCOME), rows)
-            for job_id in exhausted:
-                logger.error("job %s failed: %s", job_id, self._exhausted_error)
         return exhausted
 
     async def _claim_stale(
@@ -833,6 +831,13 @@ class SQLJobStore:
             self._held.add(claimed)
         failed = list(dict.fromkeys(j for swept in results for j in swept.failed))
         metrics.count_finished(JobStatus.FAILED, len(failed))
+        for job_id in failed:  # the job's finished line: no run of it is left to write one
+            logger.error(
+                "job %s: failed: %s",
+                job_id,
+                self._exhausted_error,
+                extra={"job_id": job_id, "status": JobStatus.FAILED.value},
+            )
         self._report_finished(failed)
 
     # Cancels, deletions, purges.

@@ -161,6 +161,8 @@ def _reason(message: str) -> str:
         return "the database is read-only"
     if "full" in message:
         return DISK_FULL
+    if "disk I/O error" in message:
+        return "the database disk failed"
     return "the database is not answering"
 
 
@@ -308,7 +310,7 @@ class SQLiteDatabase:
                     # Rare: this holds writes back for as long as it takes.
                     await self._checkpointer.execute("PRAGMA wal_checkpoint(RESTART)")
             except sqlite3.Error as error:
-                logger.warning("checkpoint of %s failed: %s", self.path, error)
+                logger.warning("checkpoint failed: %s", _translate(error, self.path))
             await asyncio.sleep(CHECKPOINT_PAUSE_SECONDS)
 
     async def close(self) -> None:
