@@ -15,6 +15,11 @@ class JobStatus(StrEnum):
     FAILED = "failed"
 
 
+def outcome_status(error: str | None) -> JobStatus:
+    """The final status of a job that ended with this error (or none)."""
+    return JobStatus.FAILED if error is not None else JobStatus.COMPLETED
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """The right to run one attempt of one job, held by ``owner`` while its lease lasts.

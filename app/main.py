@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
 
-from app import api, api_docs, metrics
+from app import api, api_docs
 from app.auth import ApiKeys
 from app.config import Settings, redact
 from app.edge import Edge
@@ -130,7 +130,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # starting it, and they should look like the rest.
     configure_logging(settings.log_level, settings.log_format)
     keys = ApiKeys(settings.read_api_keys())
-    scrape_time: list[ScrapeTimeGauges] = []  # the running app's, once it has a store
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -155,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner = JobRunner(store, workers, settings)
         waiters = StatusWaiters(store, settings.long_poll_max_waiters)
         app.state.services = api.Services(settings, store, runner, workers, keys, waiters)
-        scrape_time[:] = [ScrapeTimeGauges(store.count_unfinished, lambda: runner.accepting)]
+        app.state.scrape_time = ScrapeTimeGauges(store.count_unfinished, lambda: runner.accepting)
         await runner.start()
         retention = Retention(store, settings)
         retention.start()
@@ -205,13 +204,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.metrics_enabled:
 
         @app.get("/metrics", include_in_schema=False)
-        async def prometheus_metrics() -> Response:
+        async def prometheus_metrics(request: Request) -> Response:
             # Open like /healthz even with API keys on: a scraper has no tenant.
-            for gauges in scrape_time:
-                await gauges.refresh()
+            await request.app.state.scrape_time.refresh()
             return Response(generate_latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-        metrics.preset_labels()
     app.add_middleware(Edge, metrics=HttpMetrics(app.routes) if settings.metrics_enabled else None)
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(StoreUnavailableError, store_unavailable)

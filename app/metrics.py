@@ -120,13 +120,19 @@ def store_error_reason(error: StoreError) -> str:
 
 def counted(error: StoreError) -> StoreError:
     """Count a store error as it is raised; returns it."""
-    STORE_ERRORS.labels(store_error_reason(error)).inc()
+    _STORE_ERRORS[store_error_reason(error)].inc()
     return error
 
 
-# The two final statuses' series, made once (``labels()`` takes a lock and builds a key).
+# Every series of the two labelled job and store counters, made once: they exist at 0 before
+# anything happens, so rates start there, and ``labels()`` (a lock and a key) is not paid per
+# count.
 _FINISHED = {
     status: JOBS_FINISHED.labels(status.value) for status in (JobStatus.COMPLETED, JobStatus.FAILED)
+}
+_STORE_ERRORS = {
+    reason: STORE_ERRORS.labels(reason)
+    for reason in sorted({*_STORE_REASONS.values(), "conflict", "unavailable", "error"})
 }
 
 
@@ -134,15 +140,6 @@ def count_finished(status: JobStatus, count: int = 1) -> None:
     """Count jobs whose final status a committed write of this process recorded."""
     if count:
         _FINISHED[status].inc(count)
-
-
-def preset_labels() -> None:
-    """Make the store errors' series exist at 0 before any happens, so rates start there.
-
-    (The finished jobs' two series exist from the start.)
-    """
-    for reason in {*_STORE_REASONS.values(), "conflict", "unavailable", "error"}:
-        STORE_ERRORS.labels(reason)
 
 
 class HttpMetrics:

@@ -27,7 +27,7 @@ from app import metrics
 from app.capacity import Capacity, Turn
 from app.config import Settings
 from app.flow import FlowStopped, KeyCollisionError
-from app.jobs import Claim
+from app.jobs import Claim, JobStatus, outcome_status
 from app.logs import job_fields, running_job
 from app.store import (
     CANCELLED_ERROR,
@@ -199,7 +199,7 @@ class JobRunner:
                 "job %s: failed: %s",
                 job_id,
                 CANCELLED_ERROR,
-                extra={**job_fields(job_id), "status": "failed"},
+                extra={**job_fields(job_id), "status": JobStatus.FAILED.value},
             )
             for claim, control in self._runs.items():
                 if claim.job_id == job_id:
@@ -554,21 +554,17 @@ def _total_items(job: JobRecord | None) -> int:
 def _say_finished(claim: Claim, outcome: Outcome, seconds: float, items: int) -> None:
     """Log the outcome one run recorded, and count the run's duration."""
     metrics.JOB_RUN_SECONDS.observe(seconds)
-    status = "completed" if outcome.error is None else "failed"
-    fields = {"status": status, "seconds": round(seconds, 6), "items": items}
-    if outcome.error is None:
-        logger.info(
-            "job %s: completed in %.3f s, %d objects", claim.job_id, seconds, items, extra=fields
-        )
-    else:
-        logger.info(
-            "job %s: failed in %.3f s, %d objects: %s",
-            claim.job_id,
-            seconds,
-            items,
-            outcome.error,
-            extra=fields,
-        )
+    status = outcome_status(outcome.error).value
+    because = "" if outcome.error is None else f": {outcome.error}"
+    logger.info(
+        "job %s: %s in %.3f s, %d objects%s",
+        claim.job_id,
+        status,
+        seconds,
+        items,
+        because,
+        extra={"status": status, "seconds": round(seconds, 6), "items": items},
+    )
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -47,6 +47,18 @@ def tool(name: str) -> str:
     return path
 
 
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run promtool (in the rules' folder, where their files name each other)."""
+    return subprocess.run(
+        [tool("promtool"), *args],
+        cwd=RULES,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def metrics_of(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
     return {
@@ -90,7 +102,7 @@ WORKER_ENV = {"FLOW_PROCESSES": "1", "FLOW_PROCESS_THRESHOLD_BYTES": "65536"}
 def test_promtool_check_metrics_finds_nothing_to_lint_after_jobs_of_every_outcome(
     tmp_path: Path,
 ) -> None:
-    promtool = tool("promtool")
+    tool("promtool")  # before the server: skip (or fail) at once without it
     server = start_server(tmp_path / "jobs.db", tmp_path / "server.log", WORKER_ENV)
     try:
         jobs_of_every_outcome(server)
@@ -100,31 +112,16 @@ def test_promtool_check_metrics_finds_nothing_to_lint_after_jobs_of_every_outcom
         assert finished(server, "failed") == 2
     finally:
         stop_server(server)
-    lint = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
-    )
+    lint = promtool("check", "metrics", stdin=text)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert lint.stdout + lint.stderr == ""
 
 
 def test_promtool_finds_the_alert_rules_valid_and_their_unit_tests_pass() -> None:
-    promtool = tool("promtool")
-    check = subprocess.run(
-        [promtool, "check", "rules", "rules.yaml"],
-        cwd=RULES,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    check = promtool("check", "rules", "rules.yaml")
     assert check.returncode == 0, check.stdout + check.stderr
     assert "SUCCESS: 6 rules found" in check.stdout
-    tests = subprocess.run(
-        [promtool, "test", "rules", "rules_test.yaml"],
-        cwd=RULES,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    tests = promtool("test", "rules", "rules_test.yaml")
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "SUCCESS" in tests.stdout
 

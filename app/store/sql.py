@@ -27,7 +27,8 @@ from typing import Any, Protocol, TypeVar, overload
 
 from app import metrics
 from app.batching import Batcher
-from app.jobs import Claim, JobStatus
+from app.jobs import Claim, JobStatus, outcome_status
+from app.logs import job_fields
 from app.store import (
     CANCELLED_ERROR,
     INTERRUPTED_TOO_OFTEN,
@@ -308,11 +309,6 @@ async def upgrade_schema(
             await tx.execute(statement, ())
         await record(number)
         logger.info("database %s upgraded to schema version %d", where, number)
-
-
-def outcome_status(error: str | None) -> JobStatus:
-    """The final status of a job that ended with this error (or none)."""
-    return JobStatus.FAILED if error is not None else JobStatus.COMPLETED
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,7 +695,7 @@ class SQLJobStore:
     def _ended(self, ops: Sequence[Finish], landed: Sequence[bool]) -> None:
         self._held.discard(op.claim for op in ops)
         finished = [op for op, ok in zip(ops, landed, strict=True) if ok]
-        failed = sum(op.error is not None for op in finished)
+        failed = sum(outcome_status(op.error) is JobStatus.FAILED for op in finished)
         metrics.count_finished(JobStatus.COMPLETED, len(finished) - failed)
         metrics.count_finished(JobStatus.FAILED, failed)
         self._report_finished([op.claim.job_id for op in finished])
@@ -836,7 +832,7 @@ class SQLJobStore:
                 "job %s: failed: %s",
                 job_id,
                 self._exhausted_error,
-                extra={"job_id": job_id, "status": JobStatus.FAILED.value},
+                extra={**job_fields(job_id), "status": JobStatus.FAILED.value},
             )
         self._report_finished(failed)
 
