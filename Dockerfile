@@ -30,4 +30,4 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 # The graceful timeout stays below Kubernetes' default 30 s termination grace period.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8080", "--timeout-graceful-shutdown", "20"]
+CMD ["uvicorn", "app.main:app", "--http", "app.protocol:HttpProtocol", "--host", "0.0.0.0", "--port", "8080", "--timeout-graceful-shutdown", "20"]

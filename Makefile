@@ -18,7 +18,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 run: install
-	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT) --timeout-graceful-shutdown $(GRACEFUL_TIMEOUT)
+	$(BIN)/uvicorn app.main:app --http app.protocol:HttpProtocol --host $(HOST) --port $(PORT) \
+		--timeout-graceful-shutdown $(GRACEFUL_TIMEOUT)
 
 test: install
 	$(BIN)/python -m pytest

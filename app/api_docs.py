@@ -81,14 +81,23 @@ SUBMIT_DOCS: Docs = {
         },
     },
     400: error_doc(
-        "The body is not JSON, or the Idempotency-Key header is malformed",
+        "The body is not JSON (or, sent gzipped, not valid gzip), or the Idempotency-Key "
+        "header is malformed",
         "Request body is not valid JSON: unexpected end of data: line 1 column 9 (char 8)",
     ),
-    413: error_doc("The body is larger than MAX_BODY_BYTES", "Request body exceeds 16777216 bytes"),
-    415: error_doc(
-        "The body is not sent as JSON",
-        "Content-Type must be application/json, not text/plain",
+    408: error_doc(
+        "The body did not arrive within BODY_TIMEOUT_SECONDS; the connection is closed",
+        "The request body did not arrive within 30 s",
     ),
+    413: error_doc(
+        "The body (a gzipped one: once decompressed) is larger than MAX_BODY_BYTES",
+        "Request body exceeds 16777216 bytes",
+    ),
+    415: error_doc(
+        "The body is not sent as JSON, or is compressed otherwise than with gzip",
+        "Content-Type must be application/json, not text/plain",
+    )
+    | {"headers": {"Accept-Encoding": {"description": "gzip: the one encoding accepted"}}},
     422: validation_doc(
         "The body is JSON but not a valid job (each error names its place), or its "
         "Idempotency-Key was used before with a different body",
@@ -146,7 +155,11 @@ WAIT_PARAMETER = {
 
 RESULT_DOCS: Docs = {
     200: {
-        "description": "The job has finished: its result, or its error if it failed",
+        "description": "The job has finished: its result, or its error if it failed. A "
+        "result of 64 KiB or more comes gzipped to a client whose Accept-Encoding allows it",
+        "headers": {
+            "Content-Encoding": {"description": "gzip, for a large result the client accepts"}
+        },
         "content": {
             "application/json": {
                 "examples": {

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
         "or postgresql://user:password@host:5432/database.",
     )
     max_body_bytes: int = Field(16 * MiB, gt=0, description="Largest accepted request body.")
+    body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a request may take to arrive: a body not complete this long "
+        "after it began is answered 408, and so are headers this long after their first "
+        "byte; the connection is then closed.",
+    )
     max_items: int = Field(100_000, gt=0, description="Most objects in one job's input_data.")
     max_keys_per_item: int = Field(1_000, gt=0, description="Most keys in one input object.")
     max_key_length: int = Field(1_024, gt=0, description="Longest key, in characters.")

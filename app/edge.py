@@ -15,7 +15,11 @@ from app.metrics import HttpMetrics
 
 
 class Edge:
-    """Gives each request an ``X-Request-ID`` (kept if sane, else made) and counts it."""
+    """Gives each request an ``X-Request-ID`` (kept if sane, else made) and counts it.
+
+    It also answers HEAD wherever GET is answered, as HTTP asks (uptime checkers use it):
+    the app sees a GET, and uvicorn, which still sees the HEAD, sends the headers alone.
+    """
 
     def __init__(self, app: ASGIApp, metrics: HttpMetrics | None) -> None:
         self.app = app
@@ -29,12 +33,18 @@ class Edge:
         started = time.perf_counter()
         header = (REQUEST_ID_NAME, request_id_for(scope["headers"]).encode())
         status = 500  # unless a response starts: the app raised, and the server answers 500
+        method = scope["method"]
+        if method == "HEAD":
+            scope = {**scope, "method": "GET"}
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
+                headers = [*message.get("headers", ()), header]
+                if status == 405:
+                    headers = [_with_head_allowed(item) for item in headers]
+                message["headers"] = headers
             await send(message)
 
         if self._metrics is None:
@@ -43,4 +53,15 @@ class Edge:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self._metrics.observe(scope, status, time.perf_counter() - started)
+            self._metrics.observe(scope, status, time.perf_counter() - started, method)
+
+
+def _with_head_allowed(header: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """A 405's ``Allow`` header, with HEAD wherever GET is allowed."""
+    name, value = header
+    if name.lower() != b"allow":
+        return header
+    methods = [method.strip() for method in value.split(b",")]
+    if b"GET" in methods and b"HEAD" not in methods:
+        methods.append(b"HEAD")
+    return name, b", ".join(methods)

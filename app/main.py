@@ -20,6 +20,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import ValidationError
+from starlette.routing import Router
+from starlette.types import Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from app import api, api_docs
@@ -27,10 +29,11 @@ from app.auth import ApiKeys
 from app.config import Settings, redact
 from app.edge import Edge
 from app.logs import REQUEST_ID_HEADER, configure_logging, current_request_id
-from app.metrics import HttpMetrics, ScrapeTimeGauges
+from app.metrics import HttpMetrics, ScrapeTimeGauges, count_refused
+from app.protocol import HttpProtocol
 from app.retention import Retention
 from app.runner import JobRunner
-from app.schemas import job_request_schema
+from app.schemas import EXAMPLE_JOB_ID, job_request_schema
 from app.store import StoreSetupError, StoreUnavailableError, make_store
 from app.waiters import StatusWaiters
 from app.workers import CpuWorkers, return_large_buffers_to_the_system
@@ -129,6 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Now, not at startup: uvicorn logs its first lines between importing the app and
     # starting it, and they should look like the rest.
     configure_logging(settings.log_level, settings.log_format)
+    HttpProtocol.configure(
+        settings.body_timeout_seconds, count_refused if settings.metrics_enabled else None
+    )
     keys = ApiKeys(settings.read_api_keys())
 
     @asynccontextmanager
@@ -183,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # included router's routes again on every request, a tenth of a small request's cost.
         routes=list(api.router.routes),
     )
+    answer_either_slash(app.router)
     app.mount(SWAGGER_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
 
     @app.get("/docs", include_in_schema=False)
@@ -216,6 +223,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def answer_either_slash(router: Router) -> None:
+    """Answer a path with a trailing slash too many (or one too few) as the path itself.
+
+    Starlette would answer 307 with an empty body, and curl without ``-L`` prints nothing.
+    Only paths no route matches pay for this: the router tries the other form once.
+    """
+    not_found = router.default
+    router.redirect_slashes = False
+
+    async def other_form(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if scope["type"] != "http" or path == "/" or "slash_retried" in scope:
+            await not_found(scope, receive, send)
+            return
+        retried = {**scope, "path": path[:-1] if path.endswith("/") else f"{path}/"}
+        retried["slash_retried"] = True
+        try:
+            await router.app(retried, receive, send)
+        finally:
+            # For the metrics: the route that answered, as if the path had matched it.
+            for key in ("route", "endpoint"):
+                if key in retried:
+                    scope[key] = retried[key]
+
+    router.default = other_form
+
+
 def build_openapi(app: FastAPI, settings: Settings, keys_required: bool) -> dict[str, Any]:
     """FastAPI's schema, with the submission body (read by hand, so FastAPI cannot see it).
 
@@ -232,6 +266,12 @@ def build_openapi(app: FastAPI, settings: Settings, keys_required: bool) -> dict
     components = schema.setdefault("components", {})
     for path, operations in schema["paths"].items():
         for operation in operations.values():
+            for parameter in operation.get("parameters", ()):
+                if parameter["name"] == "job_id":
+                    # Declared a plain str, so a malformed id is a 404 (not FastAPI's 422).
+                    parameter["description"] = "The job_id the submission answered"
+                    parameter["schema"] = {"type": "string", "format": "uuid"}
+                    parameter["example"] = EXAMPLE_JOB_ID
             # The job_id routes answer a malformed id with 404: FastAPI's own 422 is never sent.
             default_422 = operation["responses"].get("422", {})
             if "HTTPValidationError" in str(default_422):

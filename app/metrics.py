@@ -142,6 +142,11 @@ def count_finished(status: JobStatus, count: int = 1) -> None:
         _FINISHED[status].inc(count)
 
 
+def count_refused(status: int) -> None:
+    """Count a request the HTTP protocol refused (431, 408) before any route saw it."""
+    HTTP_REQUESTS.labels(UNMATCHED_ROUTE, "other", str(status)).inc()
+
+
 class HttpMetrics:
     """Counts and times requests by route template, method and status.
 
@@ -158,11 +163,11 @@ class HttpMetrics:
         self._counters: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._timers: dict[tuple[str, str], Callable[[float], None]] = {}
 
-    def observe(self, scope: Scope, status: int, seconds: float) -> None:
-        """Count one answered request."""
+    def observe(self, scope: Scope, status: int, seconds: float, method: str) -> None:
+        """Count one answered request (``method`` as the client sent it)."""
         route = scope.get("route")
         template = route.path if route is not None else self._template_of(scope.get("endpoint"))
-        method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+        method = method if method in HTTP_METHODS else "other"
         count = self._counters.get((template, method, status))
         if count is None:
             count = HTTP_REQUESTS.labels(template, method, str(status)).inc

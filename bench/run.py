@@ -38,7 +38,14 @@ SERVER_CORE, LOAD_CORE = "0", "1"
 SMALL_JOB = (
     b'{"job": {"input_data": [{"1": "2", "3": "4", "5": "6", "7": "8"}, {"key1": "value1"}]}}'
 )
-UVICORN = ["--host", "127.0.0.1", "--timeout-graceful-shutdown", "20"]
+UVICORN = [
+    "--http",
+    "app.protocol:HttpProtocol",
+    "--host",
+    "127.0.0.1",
+    "--timeout-graceful-shutdown",
+    "20",
+]
 
 
 @dataclass

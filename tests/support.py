@@ -31,6 +31,8 @@ from app.store import JobStore, make_database, make_store
 from app.store.sql import Database, Row, Transaction
 
 ROOT = Path(__file__).resolve().parent.parent
+# As make run, the image and the manifests serve it: with the protocol that bounds requests.
+HTTP_PROTOCOL = ("--http", "app.protocol:HttpProtocol")
 
 
 # Databases, seen from outside the app.
@@ -367,7 +369,15 @@ def start_server(
     port = free_port()
     url = f"sqlite:///{database}" if isinstance(database, Path) else database
     env = {**os.environ, "DATABASE_URL": url, **(extra_env or {})}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:app",
+        *HTTP_PROTOCOL,
+        "--host",
+        "127.0.0.1",
+    ]
     command += ["--port", str(port), "--timeout-graceful-shutdown", "10"]
     with log_path.open("ab") as log:
         process = subprocess.Popen(

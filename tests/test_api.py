@@ -333,7 +333,7 @@ async def test_openapi_has_examples_for_every_request_and_response(
 ) -> None:
     schema = (await client.get("/openapi.json")).json()
     operations = {
-        ("/expand_reduce_flow/", "post"): {"202", "400", "413", "415", "422", "429", "503"},
+        ("/expand_reduce_flow/", "post"): {"202", "400", "408", "413", "415", "422", "429", "503"},
         ("/check_status/{job_id}", "get"): {"200", "404", "422", "503"},
         ("/job_result/{job_id}", "get"): {"200", "202", "404", "503"},
         ("/jobs", "get"): {"200", "400", "422", "503"},

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from app.config import Settings
-from tests.support import ROOT, free_port, serving
+from tests.support import HTTP_PROTOCOL, ROOT, free_port, serving
 
 BIN = Path(sys.executable).parent
 KUBERNETES_VERSION = "1.37.0"
@@ -198,6 +198,15 @@ def test_the_database_lives_on_the_mounted_volume() -> None:
         assert database_file.parent == Path(mounts[data]), url
     assert dockerfile("VOLUME") == [f'["{mounts[data]}"]']
     assert "/tmp" in mounts.values()  # the only other writable place
+
+
+def test_every_way_to_serve_it_uses_the_protocol_that_bounds_requests() -> None:
+    protocol = "app.protocol:HttpProtocol"
+    assert option(dockerfile_cmd(), "--http") == protocol
+    makefile = (ROOT / "Makefile").read_text()
+    run = makefile[makefile.index("\nrun:") :].split("\n\n")[0]
+    assert f"--http {protocol}" in run
+    assert ("--http", protocol) == HTTP_PROTOCOL  # the tests' real servers
 
 
 def test_sqlite_deployment_is_one_replica_recreated() -> None:
