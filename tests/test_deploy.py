@@ -319,6 +319,39 @@ def test_postgres_mode_runs_three_replicas_rolling_with_the_default_pod_settings
     assert [m["mountPath"] for m in mine["volumeMounts"]] == ["/tmp"]
 
 
+def test_postgres_mode_keeps_two_replicas_up_on_different_nodes() -> None:
+    documents = postgres_mode()
+    deployment = documents["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    budget = documents["PodDisruptionBudget"]["spec"]
+    assert budget["minAvailable"] == deployment["spec"]["replicas"] - 1 == 2
+    assert budget["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    by_key = {constraint["topologyKey"]: constraint for constraint in spread}
+    assert by_key["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    # Nodes without zone labels (minikube's) must not keep pods from being scheduled.
+    assert by_key["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+    for constraint in spread:
+        assert constraint["maxSkew"] == 1
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_postgres_mode_lets_only_the_services_pods_reach_the_database() -> None:
+    documents = postgres_mode()
+    policy = documents["NetworkPolicy"]["spec"]
+    postgres_pods = documents["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
+    app_pods = documents["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= postgres_pods.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    [source] = rule["from"]
+    assert list(source) == ["podSelector"]  # no namespace or address range besides
+    assert source["podSelector"]["matchLabels"].items() <= app_pods.items()
+    [port] = rule["ports"]
+    [postgres] = documents["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    assert port["port"] in {p["name"] for p in postgres["ports"]}
+
+
 def test_postgres_mode_takes_its_database_url_from_the_secret() -> None:
     documents = postgres_mode()
     [mine] = documents["Deployment"]["spec"]["template"]["spec"]["containers"]
