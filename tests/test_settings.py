@@ -112,3 +112,21 @@ def test_expired_jobs_are_looked_for_a_quarter_retention_apart_within_bounds() -
 def test_api_keys_a_client_could_not_send_the_same_everywhere_are_refused(key: str) -> None:
     with pytest.raises(ValidationError, match="printable ASCII"):
         Settings(api_keys=SecretStr(f"good-key,{key}"))
+
+
+def test_the_readme_lists_every_setting_with_its_default() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Settings") : readme.index("## Performance")]
+    rows = {
+        row.split("|")[1].strip().strip("`"): row.split("|")[2].strip()
+        for row in table.splitlines()
+        if row.startswith("| `")
+    }
+    for name, field in Settings.model_fields.items():
+        assert name.upper() in rows, f"{name.upper()} is not in the README's settings table"
+        default = field.default
+        if isinstance(default, bool):
+            assert rows[name.upper()] == f"`{str(default).lower()}`", name
+        elif isinstance(default, int | float):
+            shown = str(int(default)) if default == int(default) else str(default)
+            assert rows[name.upper()].startswith(f"`{shown}`"), name
