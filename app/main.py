@@ -262,6 +262,8 @@ def build_openapi(app: FastAPI, settings: Settings, keys_required: bool) -> dict
     submit["requestBody"] = {
         "required": True,
         "content": {"application/json": {"schema": job_request_schema(settings.limits)}},
+        # What JSON Schema cannot say: a client (expand-reduce's CLI) checks it before sending.
+        "x-max-body-bytes": settings.max_body_bytes,
     }
     components = schema.setdefault("components", {})
     for path, operations in schema["paths"].items():
