@@ -277,3 +277,14 @@ def test_the_progress_display_shows_objects_done_once_the_service_reports_them()
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
     assert "3f1c2a9e processing" in shown
     assert re.search(r"3000/20000 objects \d:\d\d:\d\d", shown), shown
+
+
+async def test_the_async_client_retries_as_the_sync_one_does() -> None:
+    busy = httpx.Response(503, headers={"Retry-After": "0.2"}, json={"detail": "busy"})
+    transport, seen = scripted(busy, httpx.Response(202, json={"job_id": JOB_ID}))
+    async with AsyncClient("http://x", transport=transport) as client:
+        submission = await client.submit(ITEMS)
+    assert submission.job_id == JOB_ID
+    assert len(seen) == 2
+    assert seen[1][0] - seen[0][0] >= 0.19
+    assert seen[0][1].headers["idempotency-key"] == seen[1][1].headers["idempotency-key"]

@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import struct
 import subprocess
 import sys
@@ -354,3 +355,54 @@ def test_without_a_terminal_no_progress_is_written(live: Server, tmp_path: Path)
     ]
     assert "\x1b" not in run.stderr
     assert "\r" not in run.stderr
+
+
+# The README's session, run as it is.
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
+def _normalised(lines: list[str], ids: dict[str, str]) -> list[str]:
+    """Ids numbered in order of appearance (the unknown one kept), times blanked."""
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(0) == "3f1c2a9e-5b7d-4e8f-9a0b-1c2d3e4f5a6b":
+            return match.group(0)
+        return ids.setdefault(match.group(0), f"<id{len(ids)}>")
+
+    return [TIME.sub("<time>", UUID.sub(number, line)).rstrip() for line in lines]
+
+
+def test_the_readme_cli_session_prints_what_the_readme_shows(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- cli-session -->\s*```console\n(.*?)```", readme, re.S)
+    assert block, "README.md has no CLI session"
+    commands, shown = [], []
+    for line in block.group(1).splitlines():
+        if line.startswith("$ "):
+            commands.append(line[2:])
+        shown.append(line)
+    script = "\n".join(
+        f"echo {shlex.quote('$ ' + command)}\n{{ {command}; }} 2>&1" for command in commands
+    )
+    server = start_server(tmp_path / "jobs.db", tmp_path / "server.log")
+    try:
+        env = {
+            **os.environ,
+            "EXPAND_REDUCE_URL": server.base_url,
+            "PATH": f"{Path(CLI).parent}:{os.environ['PATH']}",
+        }
+        run = subprocess.run(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        stop_server(server)
+    assert run.returncode == 0, run.stderr
+    # The README's ids and the run's are numbered alike when they appear in the same places.
+    assert _normalised(run.stdout.splitlines(), {}) == _normalised(shown, {})
