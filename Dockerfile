@@ -5,12 +5,16 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /build
 # Dependencies first, in their own layer: a change to the code does not reinstall them.
+# pip compiles their bytecode here (18 MB): with a read-only root filesystem every start would
+# otherwise compile it in memory again (`import app.main` 0.67 s instead of 0.32 s).
 COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
     && python -m venv /venv \
-    && /venv/bin/pip install --no-compile -c constraints.txt -r requirements.txt
+    && /venv/bin/pip install -c constraints.txt -r requirements.txt
 COPY app ./app
-RUN /venv/bin/python -m compileall -q app
+# The client too, for operators inside the container: python -m expand_reduce_client list
+COPY expand_reduce_client ./expand_reduce_client
+RUN /venv/bin/python -m compileall -q app expand_reduce_client
 
 FROM python:3.11-slim
 ENV PATH=/venv/bin:$PATH \
@@ -24,6 +28,7 @@ RUN mkdir /data && chown 10001:10001 /data
 COPY --from=build /venv /venv
 WORKDIR /srv
 COPY --from=build /build/app ./app
+COPY --from=build /build/expand_reduce_client ./expand_reduce_client
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8080

@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 # Below Kubernetes' default 30 s termination grace period.
 GRACEFUL_TIMEOUT ?= 20
 
-.PHONY: install run test lint format bench bench-postgres clean
+.PHONY: install run test lint format bench bench-postgres image-test clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert (3, 11) <= sys.version_info[:2] < (3, 13), "Python 3.11 or 3.12 is required (uniflow needs < 3.13)"'
@@ -36,6 +36,11 @@ bench: install
 # The same, in PostgreSQL mode with one and two replicas; needs a local PostgreSQL as well.
 bench-postgres: install
 	$(BIN)/python -m bench.postgres
+
+# Builds the image with podman (no Docker engine needed) and checks it as the README uses it;
+# needs root and podman, runc, debootstrap (see deploy/image-test.py). Runs in CI.
+image-test:
+	$(PYTHON) deploy/image-test.py
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -209,6 +209,18 @@ def test_every_way_to_serve_it_uses_the_protocol_that_bounds_requests() -> None:
     assert ("--http", protocol) == HTTP_PROTOCOL  # the tests' real servers
 
 
+def test_the_readmes_docker_run_gives_the_drain_time_to_finish_and_image_test_uses_it() -> None:
+    readme = (ROOT / "README.md").read_text()
+    [line] = [row for row in readme.splitlines() if row.startswith("docker run ")]
+    stop_timeout = int(line.split("--stop-timeout ")[1].split()[0])
+    graceful = int(option(dockerfile_cmd(), "--timeout-graceful-shutdown"))
+    drain = Settings.model_fields["shutdown_timeout_seconds"].default
+    assert drain < graceful < stop_timeout
+    image_test = (ROOT / "deploy" / "image-test.py").read_text()
+    assert f"STOP_TIMEOUT = {stop_timeout} " in image_test
+    assert f"GRACEFUL_TIMEOUT = {graceful} " in image_test
+
+
 def test_sqlite_deployment_is_one_replica_recreated() -> None:
     spec = manifests()["Deployment"]["spec"]
     assert spec["replicas"] == 1
