@@ -14,9 +14,10 @@ likes for a request to arrive. This subclass, served with ``--http app.protocol:
   and stops waiting for the rest of a body that a route answered without reading.
 
 Subclassed rather than switched to uvicorn's h11 protocol, which has a size limit on heads
-(though not on their number, and answers 400 rather than 431): h11 parses in Python and is
-slower (see the README's performance section), while httptools' callbacks give everything
-needed to count.
+(though not on their number, and answers 400 rather than 431): h11 parses in Python, and side
+by side on one core it served 37% fewer status requests and 21% fewer submissions than this
+class. This class costs about 2% of the status rate against plain httptools (py-spy puts its
+own code under 1% of the samples), nothing measurable on submissions.
 """
 
 import asyncio
@@ -47,9 +48,7 @@ class HttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reading_head = True  # waiting for, or reading, a request's head
-        self._head_bytes = 0  # received while reading the current head
-        self._headers_seen = 0
-        self._message_open = False  # a request has begun and not yet fully arrived
+        self._head_bytes = 0  # received while reading the current head; 0 once it is in
         self._deadline: asyncio.TimerHandle | None = None
         self._refused = False
 
@@ -60,7 +59,11 @@ class HttpProtocol(HttpToolsProtocol):
         cls.on_refused = on_refused
 
     def data_received(self, data: bytes) -> None:
-        """Feed the parser, never more of a head than its allowance; arm the deadline."""
+        """Feed the parser, never more of a head than its allowance; arm the deadline.
+
+        The parser's callbacks are overridden only where they must be: each override is a
+        Python call per request (or per header) on the hottest path.
+        """
         if self._refused:
             return  # lingering: what the client still sends is dropped
         if self._reading_head:
@@ -75,29 +78,26 @@ class HttpProtocol(HttpToolsProtocol):
             else:
                 self._head_bytes += len(data)
         super().data_received(data)
-        # Most requests arrive whole in one read, and never pay for a timer.
-        if self._message_open and self._deadline is None and not self._refused:
+        # A request has begun and not yet arrived whole: part of a head, or a head and part of
+        # its body. Most requests arrive whole in one read and never pay for a timer.
+        if (
+            self._deadline is None
+            and (self._head_bytes if self._reading_head else True)
+            and not self._refused
+        ):
             self._deadline = self.loop.call_later(self.arrival_timeout, self._too_slow)
 
-    def on_message_begin(self) -> None:
-        """A request begins: its headers are counted from here."""
-        super().on_message_begin()
-        self._headers_seen = 0
-        self._message_open = True
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        """Keep the first ``MAX_HEADERS`` headers; count the others, to refuse the request."""
-        self._headers_seen += 1
-        if self._headers_seen <= MAX_HEADERS:
-            super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
-        """The head is in: refuse it if it had too many headers, else hand it to the app."""
+        """The head is in: refuse it if it has too many headers, else hand it to the app.
+
+        Counted once the head is in, not header by header: the head's size limit already
+        bounds how many there can be (a few thousand), and so what they cost until then.
+        """
         self._reading_head = False
         self._head_bytes = 0
         if self._refused:
             return  # a request pipelined behind a refused one: the connection is ending
-        if self._headers_seen > MAX_HEADERS:
+        if len(self.headers) > MAX_HEADERS:
             self._refuse(431, f"The request has more than {MAX_HEADERS} headers")
             return
         super().on_headers_complete()
@@ -110,7 +110,6 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         """The request arrived whole: its deadline is met, and the next head may begin."""
         self._reading_head = True
-        self._message_open = False
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
