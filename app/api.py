@@ -31,6 +31,7 @@ from app.api_docs import (
 from app.auth import ApiKeys
 from app.config import Settings
 from app.jobs import JobStatus
+from app.protocol import ARRIVAL_DEADLINE
 from app.runner import JobRunner
 from app.schemas import (
     EXAMPLE_JOB_ID,
@@ -413,26 +414,26 @@ async def _read_body(request: Request, limit: int, within: float, *, gzipped: bo
 
     A gzipped body is inflated as it arrives, the inflated size counted against the limit,
     so a small body that inflates to gigabytes is refused after ``limit`` bytes of them. A
-    body that has not arrived ``within`` seconds is answered 408.
+    body that has not arrived ``within`` seconds of the request's first byte (as the HTTP
+    protocol tells; else of now) is answered 408.
     """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         _too_large(limit)
+    arrive_by = request.scope.get("extensions", {}).get(ARRIVAL_DEADLINE, {}).get("at")
+    deadline = asyncio.get_running_loop().time() + within if arrive_by is None else arrive_by
+    inflated = _Inflated(limit) if gzipped else None
     body = bytearray()  # grown in place: no list of chunks alive beside their join
-    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if gzipped else None
     received = 0
     try:
-        async with asyncio.timeout(within):
+        async with asyncio.timeout_at(deadline):
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > limit:
                     _too_large(limit)
-                if inflate is not None:
-                    # At most one byte past the limit comes out, however much would.
-                    chunk = inflate.decompress(chunk, limit - len(body) + 1)
-                if len(body) + len(chunk) > limit:
-                    _too_large(limit, decompressed=inflate is not None)
-                body += chunk
+                body += chunk if inflated is None else inflated.of(chunk, limit - len(body))
+                if len(body) > limit:
+                    _too_large(limit, decompressed=inflated is not None)
     except TimeoutError:
         raise HTTPException(
             408,
@@ -445,9 +446,37 @@ async def _read_body(request: Request, limit: int, within: float, *, gzipped: bo
         raise HTTPException(CLIENT_CLOSED_REQUEST, "The client closed the request") from None
     except zlib.error as error:
         raise HTTPException(400, f"The body is not valid gzip data: {error}") from None
-    if inflate is not None and (not inflate.eof or inflate.unused_data):
-        raise HTTPException(400, "The body is not valid gzip data: it does not end where it should")
+    if inflated is not None and not inflated.complete:
+        raise HTTPException(400, "The body is not valid gzip data: it ends part-way through")
     return bytes(body)
+
+
+class _Inflated:
+    """Inflates a gzip body as it arrives: one member or several in a row (RFC 1952)."""
+
+    def __init__(self, limit: int) -> None:
+        self._member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._limit = limit
+        self.complete = False  # the data so far ends where a member ends
+
+    def of(self, chunk: bytes, room: int) -> bytes:
+        """The inflated bytes of ``chunk``: at most one byte past ``room``, however many more."""
+        out = bytearray()
+        while chunk:
+            out += self._member.decompress(chunk, max(room - len(out), 0) + 1)
+            if len(out) > room:
+                break  # over the limit: the caller refuses the body
+            if self._member.unconsumed_tail:
+                chunk = self._member.unconsumed_tail
+                continue
+            chunk = b""
+            if self._member.eof:
+                chunk = self._member.unused_data
+                self._member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                self.complete = not chunk
+            else:
+                self.complete = False
+        return bytes(out)
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:

@@ -7,11 +7,18 @@ likes for a request to arrive. This subclass, served with ``--http app.protocol:
 
 * **431** once a request's head (request line and headers) passes ``MAX_HEAD_BYTES``, or it
   has more than ``MAX_HEADERS`` headers. The parser is fed at most the head's allowance, so
-  memory stays bounded whatever the client sends.
+  memory stays bounded whatever the client sends. A chunked body whose framing and trailers
+  (headers after the body) pass ``MAX_HEAD_BYTES`` ends the connection.
 * **408** for a head that has not arrived ``BODY_TIMEOUT_SECONDS`` after its first byte.
-  A body that does not arrive in that time is the route's to answer (``408`` from the
-  submission route, which reads bodies); the protocol makes sure the connection then ends,
-  and stops waiting for the rest of a body that a route answered without reading.
+  What is left of that time is the route's to read the body in (``ARRIVAL_DEADLINE`` in the
+  scope's extensions; the submission route answers ``408`` past it); the protocol makes sure
+  the connection then ends, and stops waiting for the rest of a body that a route answered
+  without reading.
+* A new connection that sends nothing is closed after uvicorn's keep-alive timeout, as an
+  idle one between requests already is.
+
+A refusal is never sent in the middle of another answer: with requests pipelined, it waits
+until the ones before it have been answered.
 
 Subclassed rather than switched to uvicorn's h11 protocol, which has a size limit on heads
 (though not on their number, and answers 400 rather than 431): h11 parses in Python, and side
@@ -34,6 +41,8 @@ MAX_HEADERS = 100
 # closing: closing a socket with unread data resets the connection, and the client may lose
 # the answer it was sent.
 LINGER_SECONDS = 2.0
+# In a request scope's extensions: {"at": the event loop time by which its body must be in}.
+ARRIVAL_DEADLINE = "expand_reduce.arrival_deadline"
 
 logger = logging.getLogger("app.protocol")
 
@@ -49,14 +58,24 @@ class HttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._reading_head = True  # waiting for, or reading, a request's head
         self._head_bytes = 0  # received while reading the current head; 0 once it is in
+        self._framing = 0  # received in a body that was not body: chunk sizes, trailers
+        self._open = False  # a request has begun and not yet arrived whole
         self._deadline: asyncio.TimerHandle | None = None
         self._refused = False
+        self._owed: tuple[int, str] | None = None  # a refusal waiting for earlier answers
 
     @classmethod
     def configure(cls, arrival_timeout: float, on_refused: Callable[[int], None] | None) -> None:
         """Take the request deadline from the settings, and a counter of refused requests."""
         cls.arrival_timeout = arrival_timeout
         cls.on_refused = on_refused
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Give a new connection as long to send its first byte as an idle one gets."""
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser, never more of a head than its allowance; arm the deadline.
@@ -65,7 +84,7 @@ class HttpProtocol(HttpToolsProtocol):
         Python call per request (or per header) on the hottest path.
         """
         if self._refused:
-            return  # lingering: what the client still sends is dropped
+            return  # what the client still sends is dropped
         if self._reading_head:
             room = MAX_HEAD_BYTES - self._head_bytes
             if len(data) > room:
@@ -77,15 +96,23 @@ class HttpProtocol(HttpToolsProtocol):
                 data = data[room:]
             else:
                 self._head_bytes += len(data)
+        else:
+            self._framing += len(data)  # on_body takes back what was body
         super().data_received(data)
-        # A request has begun and not yet arrived whole: part of a head, or a head and part of
-        # its body. Most requests arrive whole in one read and never pay for a timer.
-        if (
-            self._deadline is None
-            and (self._head_bytes if self._reading_head else True)
-            and not self._refused
-        ):
+        if self._refused:
+            return
+        if not self._reading_head and self._framing > MAX_HEAD_BYTES:
+            self._drop(f"the request's chunk sizes and trailers exceed {MAX_HEAD_BYTES} bytes")
+            return
+        # Part of a head, or a head and part of its body: the request has a deadline. Most
+        # requests arrive whole in one read and never pay for a timer.
+        if self._open and self._deadline is None:
             self._deadline = self.loop.call_later(self.arrival_timeout, self._too_slow)
+
+    def on_message_begin(self) -> None:
+        """A request begins."""
+        self._open = True
+        super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         """The head is in: refuse it if it has too many headers, else hand it to the app.
@@ -95,26 +122,41 @@ class HttpProtocol(HttpToolsProtocol):
         """
         self._reading_head = False
         self._head_bytes = 0
+        self._framing = 0
         if self._refused:
             return  # a request pipelined behind a refused one: the connection is ending
         if len(self.headers) > MAX_HEADERS:
             self._refuse(431, f"The request has more than {MAX_HEADERS} headers")
             return
+        # The body's share of the request's time: what is left of it.
+        deadline = self._deadline
+        arrive_by = deadline.when() if deadline else self.loop.time() + self.arrival_timeout
+        self.scope["extensions"] = {ARRIVAL_DEADLINE: {"at": arrive_by}}
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         """Pass body bytes on, unless the request was refused (no app is reading them)."""
+        self._framing -= len(body)
         if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         """The request arrived whole: its deadline is met, and the next head may begin."""
         self._reading_head = True
+        self._open = False
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         if not self._refused:
             super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        """An answer went out; if it was the last one owed, send a refusal kept waiting."""
+        super().on_response_complete()
+        if self._owed is not None and not self.pipeline and self._answered_all():
+            status, message = self._owed
+            self._owed = None
+            self._send_refusal(status, message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Drop the deadline with the connection."""
@@ -123,29 +165,46 @@ class HttpProtocol(HttpToolsProtocol):
             self._deadline = None
         super().connection_lost(exc)
 
+    def _answered_all(self) -> bool:
+        """Whether every request before this point has had its answer sent."""
+        return self.cycle is None or self.cycle.response_complete
+
     def _too_slow(self) -> None:
         """The request did not arrive in time."""
         self._deadline = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._refused:
             return
         cycle = self.cycle
-        if self._reading_head or cycle is None:
+        if self._reading_head:
             self._refuse(
                 408, f"The request's headers did not arrive within {self.arrival_timeout:g} s"
             )
-        elif cycle.response_complete:
+        elif cycle is not None and cycle.response_complete:
             # Answered without its body being read (a route that takes none, an early 413):
             # the rest of it is not worth waiting for.
             self.transport.close()
-        else:
+        elif cycle is not None:
             # The app has the request; the route reading the body answers 408. Either way
             # this connection serves no further request.
             cycle.keep_alive = False
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer ``status`` and end the connection (after a short linger), as the app would.
+    def _drop(self, reason: str) -> None:
+        """End the connection without an answer: its request was answered, or is being.
 
-        Only ever before the app has seen the request, so no response has started.
+        Trailers come after the body, when the app may already have answered the request; a
+        second answer would be one nobody asked for. The app, if still at it, sees the
+        client disconnect.
+        """
+        self._refused = True
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        logger.warning("closed the connection from %s: %s", client, reason)
+        self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Refuse the request being read: no app sees it, and the connection ends.
+
+        The answer goes out at once, or, if requests before it are still being answered,
+        after the last of them.
         """
         self._refused = True
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
@@ -153,6 +212,15 @@ class HttpProtocol(HttpToolsProtocol):
         count = type(self).on_refused  # a plain function: not bound to this connection
         if count is not None:
             count(status)
+        if self.pipeline or not self._answered_all():
+            self._owed = (status, message)
+        else:
+            self._send_refusal(status, message)
+
+    def _send_refusal(self, status: int, message: str) -> None:
+        """Write the answer, then close (after a short linger), as the app's answers look."""
+        if self.transport.is_closing():
+            return  # the answer before it closed the connection
         body = orjson.dumps({"detail": message})
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:

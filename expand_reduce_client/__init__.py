@@ -8,6 +8,7 @@ with Client("http://localhost:8080") as client:
 
 from expand_reduce_client._models import (
     ApiError,
+    BadResponse,
     Conflict,
     ExpandReduceError,
     InvalidRequest,
@@ -21,6 +22,7 @@ from expand_reduce_client._models import (
     Status,
     Submission,
     Unavailable,
+    UsageError,
     WaitTimeout,
 )
 from expand_reduce_client.client import DEFAULT_URL, AsyncClient, Client, Limits
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_URL",
     "ApiError",
     "AsyncClient",
+    "BadResponse",
     "Client",
     "Conflict",
     "ExpandReduceError",
@@ -44,5 +47,6 @@ __all__ = [
     "Status",
     "Submission",
     "Unavailable",
+    "UsageError",
     "WaitTimeout",
 ]

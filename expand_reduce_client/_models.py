@@ -118,6 +118,18 @@ class JobFailed(ExpandReduceError):
         super().__init__(f"job {job_id} failed: {error}")
 
 
+class BadResponse(Unavailable):
+    """The service answered something this client cannot read (not this service, or broken)."""
+
+
+class UsageError(ExpandReduceError, ValueError):
+    """The client was asked for something it cannot send.
+
+    A URL without http(s)://, a key that is not printable ASCII, input that is not valid
+    Unicode.
+    """
+
+
 class WaitTimeout(ExpandReduceError, TimeoutError):
     """The job was still processing when the wait's timeout ran out."""
 

@@ -34,15 +34,15 @@ from expand_reduce_client._models import (
     ApiError,
     Conflict,
     ExpandReduceError,
-    InvalidRequest,
     Job,
     JobFailed,
     NotFound,
     NotSupported,
     Result,
     Unavailable,
+    UsageError,
 )
-from expand_reduce_client.client import DEFAULT_URL, Client
+from expand_reduce_client.client import DEFAULT_URL, Client, encode_job
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_FOUND, EXIT_PROCESSING = 1, 2, 3, 4, 5
 STATUSES = ("processing", "completed", "failed")
@@ -53,27 +53,44 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+# Each error the commands may meet, and its exit code (the first that matches).
+EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (JobFailed, EXIT_FAILED),
+    (Conflict, EXIT_FAILED),
+    (NotFound, EXIT_NOT_FOUND),
+    (Unavailable, EXIT_UNAVAILABLE),
+    (NotSupported, EXIT_USAGE),
+    (UsageError, EXIT_USAGE),
+    (ApiError, EXIT_USAGE),  # refused as sent (400, 401, 413, 422...): sending it again won't do
+    (OSError, EXIT_USAGE),  # writing -o FILE
+    (ExpandReduceError, EXIT_FAILED),
+)
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, Conflict | NotFound):
+        return str(error.detail)
+    if isinstance(error, NotSupported):
+        return f"{error} (it is older than this client)"
+    if isinstance(error, ApiError):
+        return f"the service refused the request: {error}"
+    if isinstance(error, OSError):
+        return f"{error.filename or 'output'}: {error.strerror or error}"
+    return str(error)
+
+
 @contextmanager
 def _errors_as_exit_codes() -> Iterator[None]:
     """One line on stderr and the documented exit code, never a traceback."""
     try:
         yield
-    except JobFailed as error:
-        _fail(str(error), EXIT_FAILED)
-    except Conflict as error:
-        _fail(str(error.detail), EXIT_FAILED)
-    except NotFound as error:
-        _fail(str(error.detail), EXIT_NOT_FOUND)
-    except Unavailable as error:
-        _fail(str(error), EXIT_UNAVAILABLE)
-    except NotSupported as error:
-        _fail(f"{error} (it is older than this client)", EXIT_USAGE)
-    except (InvalidRequest, ApiError) as error:
-        _fail(f"the service refused the request: {error}", EXIT_USAGE)
-    except ExpandReduceError as error:  # pragma: no cover - every kind is handled above
-        _fail(str(error), EXIT_FAILED)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except Exception as error:
+        for kind, code in EXIT_CODES:
+            if isinstance(error, kind):
+                _fail(_message(error), code)
+        raise
 
 
 def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,18 +140,21 @@ def main() -> None:
 
 def read_items(source: str) -> list[dict[str, Any]]:
     """The objects of a file (or ``-``, stdin): a JSON array, JSON Lines, or a whole body."""
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        _fail(f"cannot read {source}: {error}", EXIT_USAGE)
     name = "stdin" if source == "-" else source
     try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        whole = None
-        items = _json_lines(text, name)
-    else:
-        items = _items_of(whole, name)
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+        text = raw.decode("utf-8-sig")  # UTF-8, with or without a byte order mark
+    except (OSError, UnicodeDecodeError) as error:
+        _fail(f"cannot read {name}: {error}", EXIT_USAGE)
+    try:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            items = _json_lines(text, name)
+        else:
+            items = _items_of(whole, name)
+    except RecursionError:
+        _fail(f"{name}: nested too deeply to be a job", EXIT_USAGE)
     if not items:
         _fail(f"{name} holds no objects", EXIT_USAGE)
     return items
@@ -181,11 +201,8 @@ def _refuse_if_too_large(client: Client, items: list[dict[str, Any]], name: str)
             EXIT_USAGE,
         )
     if limits.max_body_bytes is not None:
-        size = len(
-            json.dumps(
-                {"job": {"input_data": items}}, ensure_ascii=False, separators=(",", ":")
-            ).encode()
-        )
+        size = len(encode_job(items))
+
         if size > limits.max_body_bytes:
             _fail(
                 f"{name} makes a request of {size:,} bytes; the service takes at most "
@@ -195,6 +212,17 @@ def _refuse_if_too_large(client: Client, items: list[dict[str, Any]], name: str)
 
 
 # Writing output.
+
+
+def _check_writable(output: Path | None) -> None:
+    """Fail now, not after the wait, if ``output`` cannot be written (it is created empty)."""
+    if output is None:
+        return
+    try:
+        with output.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        _fail(f"cannot write {output}: {error.strerror or error}", EXIT_USAGE)
 
 
 def _time(moment: datetime) -> str:
@@ -339,6 +367,7 @@ def submit(
     """
     if output is not None and not wait:
         _fail("-o/--output needs --wait", EXIT_USAGE)
+    _check_writable(output)  # before the job is sent: its result must have somewhere to go
     items = read_items(source)
     _refuse_if_too_large(client, items, "stdin" if source == "-" else source)
     submission = client.submit(items, idempotency_key=idempotency_key)
@@ -380,6 +409,7 @@ def status(client: Client, job_id: str, wait: bool, as_json: bool) -> None:
 @_client_options
 def result(client: Client, job_id: str, wait: bool, output: Path | None, as_json: bool) -> None:
     """Write a finished job's result; exit 1 with its error if it failed, 5 if still processing."""
+    _check_writable(output)
     job = _wait(client, job_id) if wait else client.status(job_id)
     if not job.finished:
         if as_json:

@@ -16,12 +16,13 @@ second job.)
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 from tenacity import (
@@ -34,6 +35,7 @@ from tenacity import (
 
 from expand_reduce_client._models import (
     ApiError,
+    BadResponse,
     Conflict,
     InvalidRequest,
     Job,
@@ -45,10 +47,12 @@ from expand_reduce_client._models import (
     Status,
     Submission,
     Unavailable,
+    UsageError,
     WaitTimeout,
     describe,
 )
 
+T = TypeVar("T")
 DEFAULT_URL = "http://localhost:8080"
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 # The service's long-poll (?wait=) answers within this many seconds, or as soon as the job
@@ -59,6 +63,12 @@ PROGRESS_POLL_SECONDS = 0.5
 POLL_FIRST, POLL_MOST = 0.1, 2.0
 BACKOFF = wait_random_exponential(multiplier=0.2, max=5.0)  # full jitter, 0.2 s doubling to 5 s
 SUBMIT_PATH = "/expand_reduce_flow/"
+JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+API_KEY = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces, as the service says
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")  # as the service takes it
+# The most a request waits for its whole answer, long-polls apart: a server that accepts and
+# never answers (or trickles) is given up on like one that cannot be reached.
+REQUEST_TIMEOUT = 30.0
 # A job's input or result: JSON objects. (Named: the clients' ``list`` method hides the type.)
 Objects = list[dict[str, Any]]
 # Called with each status seen while waiting.
@@ -170,9 +180,52 @@ def _raise_for(response: httpx.Response) -> None:
     raise InvalidRequest(code, detail)
 
 
-def _encode_items(items: Iterable[Mapping[str, Any]]) -> bytes:
+def encode_job(items: Iterable[Mapping[str, Any]]) -> bytes:
+    """The submission body for these objects, as the clients send it."""
     body = {"job": {"input_data": [dict(item) for item in items]}}
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError as error:
+        raise UsageError(
+            f"the input holds text that is not valid Unicode ({error.reason}: "
+            f"{error.object[error.start : error.end]!r}), which JSON cannot carry"
+        ) from None
+
+
+def _job_path(job_id: str, template: str) -> str:
+    """The route for this job; a job_id that is not a UUID is no job (without asking)."""
+    if not JOB_ID.fullmatch(job_id):
+        raise NotFound(404, f"Job {job_id!r} not found: a job_id is a UUID")
+    return template.format(job_id=job_id.lower())
+
+
+def _read(parse: Callable[[httpx.Response], T], response: httpx.Response) -> T:
+    """Read the answer with ``parse``; an answer not shaped as this service's is BadResponse."""
+    try:
+        return parse(response)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        request = response.request
+        raise BadResponse(
+            f"the answer to {request.method} {request.url.path} is not this service's "
+            f"({type(error).__name__}: {error}): is {request.url.host} expand-reduce-service?"
+        ) from None
+
+
+def _job(response: httpx.Response) -> Job:
+    return Job.from_json(response.json())
+
+
+def _result(response: httpx.Response) -> Result:
+    return Result.from_json(response.json())
+
+
+def _whole(response: httpx.Response, content: bytes) -> httpx.Response:
+    """The response with its body as read (and decoded)."""
+    skip = {"content-encoding", "content-length", "transfer-encoding"}
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in skip]
+    return httpx.Response(
+        response.status_code, headers=headers, content=content, request=response.request
+    )
 
 
 def _limits_from(openapi: dict[str, Any]) -> Limits:
@@ -182,17 +235,55 @@ def _limits_from(openapi: dict[str, Any]) -> Limits:
         return Limits(None, None)
     schema = body.get("content", {}).get("application/json", {}).get("schema", {})
     items = schema.get("properties", {}).get("job", {}).get("properties", {}).get("input_data", {})
-    return Limits(body.get("x-max-body-bytes"), items.get("maxItems"))
+    size, count = body.get("x-max-body-bytes"), items.get("maxItems")
+    return Limits(
+        size if isinstance(size, int) and size > 0 else None,
+        count if isinstance(count, int) and count > 0 else None,
+    )
 
 
 class _Api:
     """How each operation is asked and its answer read; the same for both clients."""
 
-    def __init__(self, url: str | None, api_key: str | None, retry_deadline: float) -> None:
+    def __init__(
+        self, url: str | None, api_key: str | None, retry_deadline: float, timeout: float
+    ) -> None:
         self.url = (url or DEFAULT_URL).rstrip("/")
+        if not self.url.startswith(("http://", "https://")):
+            raise UsageError(f"the URL {self.url!r} must start with http:// or https://")
+        if api_key is not None and not API_KEY.fullmatch(api_key):
+            raise UsageError("an API key is printable ASCII without spaces")
         self.retry_deadline = retry_deadline
+        self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._limits: Limits | None = None
+
+    def _seconds_for(self, call: _Call, started: float) -> float:
+        """How long one attempt may take in all.
+
+        A long-poll: its wait and more. Any other: the request timeout, cut to what is left
+        of the retry deadline.
+        """
+        if call.timeout is not None:
+            return call.timeout
+        left = self.retry_deadline - (time.monotonic() - started)
+        return max(min(self.timeout, left), 0.5)
+
+    def _gave_up(self, error: _Retryable) -> Unavailable:
+        if error.retry_after is not None and error.retry_after > self.retry_deadline:
+            return Unavailable(
+                f"{error}; it asked to be asked again in {error.retry_after:g} s, past the "
+                f"{self.retry_deadline:g} s retry deadline"
+            )
+        return Unavailable(f"{error} (gave up after {self.retry_deadline:g} s)")
+
+    @staticmethod
+    def _key(idempotency_key: str | None) -> str:
+        if idempotency_key is None:
+            return str(uuid.uuid4())
+        if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise UsageError("an Idempotency-Key is 1 to 255 printable ASCII characters")
+        return idempotency_key
 
     @staticmethod
     def _submit(body: bytes, idempotency_key: str) -> _Call:
@@ -207,10 +298,9 @@ class _Api:
     @staticmethod
     def _status(job_id: str, wait: float = 0) -> _Call:
         params = {"wait": f"{wait:g}"} if wait else None
+        path = _job_path(job_id, "/check_status/{job_id}")
         # The long-poll holds the answer up to ``wait`` seconds: read for longer than that.
-        return _Call(
-            "GET", f"/check_status/{job_id}", params=params, timeout=wait + 10 if wait else None
-        )
+        return _Call("GET", path, params=params, timeout=wait + 10 if wait else None)
 
     @staticmethod
     def _list(status: Status | None, limit: int | None, page_token: str | None) -> _Call:
@@ -286,10 +376,10 @@ class Client(_Api):
         *,
         api_key: str | None = None,
         retry_deadline: float = 30.0,
-        timeout: float = 30.0,
+        timeout: float = REQUEST_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(url, api_key, retry_deadline)
+        super().__init__(url, api_key, retry_deadline, timeout)
         self._http = httpx.Client(
             base_url=self.url, headers=self._headers, timeout=timeout, transport=transport
         )
@@ -305,16 +395,28 @@ class Client(_Api):
         self._http.close()
 
     def _send(self, call: _Call) -> httpx.Response:
+        started = time.monotonic()
+
         def attempt() -> httpx.Response:
+            seconds = self._seconds_for(call, started)
+            give_up_at = time.monotonic() + seconds
             try:
-                response = self._http.request(
+                with self._http.stream(
                     call.method,
                     call.path,
                     params=call.params,
                     content=call.content,
                     headers=call.headers,
-                    timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
-                )
+                    timeout=seconds,
+                ) as streamed:
+                    content = bytearray()
+                    for chunk in streamed.iter_bytes():
+                        content += chunk
+                        if time.monotonic() > give_up_at:  # a server trickling its answer
+                            raise httpx.ReadTimeout("", request=streamed.request)
+                    response = _whole(streamed, bytes(content))
+            except httpx.TimeoutException as error:
+                raise _Retryable(f"{self.url} did not answer within {seconds:g} s") from error
             except httpx.TransportError as error:
                 raise _Retryable(
                     f"cannot reach {self.url}: {error or type(error).__name__}"
@@ -325,7 +427,7 @@ class Client(_Api):
         try:
             return Retrying(**_retry_policy(self.retry_deadline))(attempt)
         except _Retryable as error:
-            raise Unavailable(f"{error} (gave up after {self.retry_deadline:g} s)") from error
+            raise self._gave_up(error) from error
 
     @overload
     def submit(
@@ -356,18 +458,19 @@ class Client(_Api):
         timeout: float | None = None,
     ) -> Submission | Job:
         """Submit a job of these objects; with ``wait=True``, wait and return its final status."""
-        body = _encode_items(items)
-        submitted = self._send(self._submit(body, idempotency_key or str(uuid.uuid4())))
-        submission = self._submitted(submitted)
+        body = encode_job(items)
+        submitted = self._send(self._submit(body, self._key(idempotency_key)))
+        submission = _read(self._submitted, submitted)
         return self.wait(submission.job_id, timeout=timeout) if wait else submission
 
     def status(self, job_id: str, *, wait: float = 0) -> Job:
         """The job's status; with ``wait``, up to that many seconds for it to finish first."""
-        return Job.from_json(self._send(self._status(job_id, wait)).json())
+        return _read(_job, self._send(self._status(job_id, wait)))
 
     def result(self, job_id: str) -> Result:
         """The job's result (or error); ``status`` says whether it has finished."""
-        return Result.from_json(self._send(_Call("GET", f"/job_result/{job_id}")).json())
+        path = _job_path(job_id, "/job_result/{job_id}")
+        return _read(_result, self._send(_Call("GET", path)))
 
     def wait(
         self,
@@ -398,15 +501,16 @@ class Client(_Api):
         page_token: str | None = None,
     ) -> JobPage:
         """A page of jobs, newest first."""
-        return self._page(self._send(self._list(status, limit, page_token)))
+        return _read(self._page, self._send(self._list(status, limit, page_token)))
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a processing job; its status (now failed, "cancelled ...")."""
-        return Job.from_json(self._send(_Call("POST", f"/jobs/{job_id}/cancel")).json())
+        path = _job_path(job_id, "/jobs/{job_id}/cancel")
+        return _read(_job, self._send(_Call("POST", path)))
 
     def delete(self, job_id: str) -> None:
         """Delete a finished job: its row, input and result."""
-        self._send(_Call("DELETE", f"/jobs/{job_id}"))
+        self._send(_Call("DELETE", _job_path(job_id, "/jobs/{job_id}")))
 
     def run(self, items: Iterable[Mapping[str, Any]], timeout: float | None = None) -> Objects:
         """Submit, wait, return the result; ``JobFailed`` with the service's error if it failed."""
@@ -417,7 +521,8 @@ class Client(_Api):
         """The body size and item count the service accepts (from its OpenAPI document)."""
         if self._limits is None:
             try:
-                self._limits = _limits_from(self._send(_Call("GET", "/openapi.json")).json())
+                openapi = self._send(_Call("GET", "/openapi.json"))
+                self._limits = _read(lambda answer: _limits_from(answer.json()), openapi)
             except (ApiError, NotSupported, ValueError):
                 self._limits = Limits(None, None)
         return self._limits
@@ -435,10 +540,10 @@ class AsyncClient(_Api):
         *,
         api_key: str | None = None,
         retry_deadline: float = 30.0,
-        timeout: float = 30.0,
+        timeout: float = REQUEST_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(url, api_key, retry_deadline)
+        super().__init__(url, api_key, retry_deadline, timeout)
         self._http = httpx.AsyncClient(
             base_url=self.url, headers=self._headers, timeout=timeout, transport=transport
         )
@@ -454,16 +559,22 @@ class AsyncClient(_Api):
         await self._http.aclose()
 
     async def _send(self, call: _Call) -> httpx.Response:
+        started = time.monotonic()
+
         async def attempt() -> httpx.Response:
+            seconds = self._seconds_for(call, started)
             try:
-                response = await self._http.request(
-                    call.method,
-                    call.path,
-                    params=call.params,
-                    content=call.content,
-                    headers=call.headers,
-                    timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
-                )
+                async with asyncio.timeout(seconds):  # the whole answer, trickled or not
+                    response = await self._http.request(
+                        call.method,
+                        call.path,
+                        params=call.params,
+                        content=call.content,
+                        headers=call.headers,
+                        timeout=seconds,
+                    )
+            except (TimeoutError, httpx.TimeoutException) as error:
+                raise _Retryable(f"{self.url} did not answer within {seconds:g} s") from error
             except httpx.TransportError as error:
                 raise _Retryable(
                     f"cannot reach {self.url}: {error or type(error).__name__}"
@@ -474,7 +585,7 @@ class AsyncClient(_Api):
         try:
             return await AsyncRetrying(**_retry_policy(self.retry_deadline))(attempt)
         except _Retryable as error:
-            raise Unavailable(f"{error} (gave up after {self.retry_deadline:g} s)") from error
+            raise self._gave_up(error) from error
 
     @overload
     async def submit(
@@ -505,18 +616,19 @@ class AsyncClient(_Api):
         timeout: float | None = None,
     ) -> Submission | Job:
         """Submit a job of these objects; with ``wait=True``, wait and return its final status."""
-        body = _encode_items(items)
-        submitted = await self._send(self._submit(body, idempotency_key or str(uuid.uuid4())))
-        submission = self._submitted(submitted)
+        body = encode_job(items)
+        submitted = await self._send(self._submit(body, self._key(idempotency_key)))
+        submission = _read(self._submitted, submitted)
         return await self.wait(submission.job_id, timeout=timeout) if wait else submission
 
     async def status(self, job_id: str, *, wait: float = 0) -> Job:
         """The job's status; with ``wait``, up to that many seconds for it to finish first."""
-        return Job.from_json((await self._send(self._status(job_id, wait))).json())
+        return _read(_job, await self._send(self._status(job_id, wait)))
 
     async def result(self, job_id: str) -> Result:
         """The job's result (or error); ``status`` says whether it has finished."""
-        return Result.from_json((await self._send(_Call("GET", f"/job_result/{job_id}"))).json())
+        path = _job_path(job_id, "/job_result/{job_id}")
+        return _read(_result, await self._send(_Call("GET", path)))
 
     async def wait(
         self,
@@ -544,15 +656,16 @@ class AsyncClient(_Api):
         page_token: str | None = None,
     ) -> JobPage:
         """A page of jobs, newest first."""
-        return self._page(await self._send(self._list(status, limit, page_token)))
+        return _read(self._page, await self._send(self._list(status, limit, page_token)))
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a processing job; its status (now failed, "cancelled ...")."""
-        return Job.from_json((await self._send(_Call("POST", f"/jobs/{job_id}/cancel"))).json())
+        path = _job_path(job_id, "/jobs/{job_id}/cancel")
+        return _read(_job, await self._send(_Call("POST", path)))
 
     async def delete(self, job_id: str) -> None:
         """Delete a finished job: its row, input and result."""
-        await self._send(_Call("DELETE", f"/jobs/{job_id}"))
+        await self._send(_Call("DELETE", _job_path(job_id, "/jobs/{job_id}")))
 
     async def run(
         self, items: Iterable[Mapping[str, Any]], timeout: float | None = None

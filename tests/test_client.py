@@ -26,6 +26,7 @@ from expand_reduce_client import (
     NotFound,
     NotSupported,
     Unavailable,
+    UsageError,
     WaitTimeout,
 )
 from expand_reduce_client.cli import _ProgressDisplay
@@ -288,3 +289,49 @@ async def test_the_async_client_retries_as_the_sync_one_does() -> None:
     assert len(seen) == 2
     assert seen[1][0] - seen[0][0] >= 0.19
     assert seen[0][1].headers["idempotency-key"] == seen[1][1].headers["idempotency-key"]
+
+
+def test_a_retry_after_past_the_deadline_says_so() -> None:
+    busy = httpx.Response(429, headers={"Retry-After": "3600"}, json={"detail": "queue full"})
+    transport, _ = scripted(busy)
+    with (
+        Client("http://x", transport=transport, retry_deadline=30) as client,
+        pytest.raises(Unavailable, match="asked to be asked again in 3600 s, past the 30 s"),
+    ):
+        client.submit(ITEMS)
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"url": "localhost:8080"}, "must start with http:// or https://"),
+        ({"url": "http://x", "api_key": "kü"}, "printable ASCII"),
+        ({"url": "http://x", "api_key": "two words"}, "printable ASCII"),
+    ],
+)
+def test_settings_the_client_cannot_send_are_refused_at_once(
+    options: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(UsageError, match=problem):
+        Client(**options)
+
+
+def test_limits_that_are_not_numbers_are_unknown() -> None:
+    openapi = {
+        "paths": {
+            "/expand_reduce_flow/": {
+                "post": {"requestBody": {"x-max-body-bytes": "big", "content": {}}}
+            }
+        }
+    }
+    served, _ = scripted(httpx.Response(200, json=openapi))
+    with Client("http://x", transport=served) as client:
+        limits = client.limits()
+    assert (limits.max_body_bytes, limits.max_items) == (None, None)
+
+
+def test_a_job_id_that_is_not_a_uuid_is_not_found_without_asking() -> None:
+    transport, seen = scripted(httpx.Response(200, json=status_body()))
+    with Client("http://x", transport=transport) as client, pytest.raises(NotFound):
+        client.status("../healthz")
+    assert seen == []

@@ -2,6 +2,7 @@
 is stopped, a proxy that loses an answer, a server that is busy, and a terminal (a pty).
 """
 
+import contextlib
 import fcntl
 import itertools
 import json
@@ -10,6 +11,7 @@ import pty
 import re
 import select
 import shlex
+import socket
 import struct
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import termios
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -406,3 +408,117 @@ def test_the_readme_cli_session_prints_what_the_readme_shows(tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr
     # The README's ids and the run's are numbered alike when they appear in the same places.
     assert _normalised(run.stdout.splitlines(), {}) == _normalised(shown, {})
+
+
+# Servers that are not the service, and input the client cannot send.
+
+
+@contextmanager
+def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A TCP server on a free port that reads a request and then does ``answer`` with it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve_forever() -> None:
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            held.append(connection)
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+def never_answers(connection: socket.socket) -> None:
+    connection.recv(65536)
+
+
+def trickles(connection: socket.socket) -> None:
+    connection.recv(65536)
+    with contextlib.suppress(OSError):
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):
+            connection.sendall(b" ")
+            time.sleep(0.2)  # the server's pace: one byte at a time
+
+
+def garbage(connection: socket.socket) -> None:
+    connection.recv(65536)
+    body = b"<html>not the service</html>"
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    connection.close()
+
+
+@pytest.mark.parametrize("server", [never_answers, trickles], ids=["hangs", "trickles"])
+def test_a_server_that_hangs_or_trickles_is_given_up_on_at_the_retry_deadline(
+    server: Callable[[socket.socket], None],
+) -> None:
+    with raw_server(server) as url:
+        run = cli("status", str(uuid.uuid4()), "--retry-deadline", "2", url=url, timeout=30)
+    assert run.returncode == 3
+    assert "did not answer within" in run.stderr
+    assert "gave up after 2 s" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_an_answer_that_is_not_the_services_exits_3_saying_so() -> None:
+    with raw_server(garbage) as url:
+        run = cli("status", str(uuid.uuid4()), url=url)
+    assert run.returncode == 3
+    assert "is not this service's" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_an_unwritable_output_is_refused_before_the_job_is_sent(live: Server) -> None:
+    database = Path(live.log_path).parent / "jobs.db"
+    before = count_jobs(database)
+    run = cli(
+        "submit", "-", "--wait", "-o", "/nonexistent/dir/out.json",
+        url=live.base_url, stdin=json.dumps(ITEMS).encode(),
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "cannot write /nonexistent/dir/out.json" in run.stderr
+    assert count_jobs(database) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "problem"),
+    [
+        (["status", "../healthz"], b"", "a job_id is a UUID"),
+        (["submit", "-"], b'[{"a": "\\ud800"}]', "not valid Unicode"),
+        (["submit", "-"], b'[{"a": "\xff"}]', "cannot read stdin"),
+        (["submit", "-"], b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (["submit", "-", "--api-key", "kü"], b"[{}]", "API key is printable ASCII"),
+        (["submit", "-", "--idempotency-key", "ключ"], b"[{}]", "Idempotency-Key is 1 to 255"),
+        (["status", str(uuid.UUID(int=1)), "--url", "localhost:8080"], b"", "must start with"),
+    ],
+    ids=["id-not-uuid", "lone-surrogate", "not-utf8", "deep", "api-key", "key", "no-scheme"],
+)
+def test_what_the_client_cannot_send_exits_at_once_saying_why(
+    live: Server, args: list[str], stdin: bytes, problem: str
+) -> None:
+    run = cli(*args, url=live.base_url, stdin=stdin, timeout=20)
+    assert run.returncode in (2, 4), run.stderr
+    assert problem in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_file_with_a_byte_order_mark_is_read(live: Server, tmp_path: Path) -> None:
+    source = tmp_path / "bom.json"
+    source.write_bytes(b"\xef\xbb\xbf" + json.dumps(ITEMS).encode())
+    run = cli("submit", str(source), "--wait", url=live.base_url)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == RESULT

@@ -13,9 +13,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from fastapi import HTTPException, Request
 
-from app.api import GZIP_MIN_BYTES, _accepts_gzip
+from app.api import GZIP_MIN_BYTES, _accepts_gzip, _read_body
 from app.config import Settings
+from app.protocol import ARRIVAL_DEADLINE
 from tests.support import FreshDatabase, big_job, result_once_finished, serving, wait_finished
 
 JOB = {"job": {"input_data": [{"1": "2", "3": "4", "5": "6", "7": "8"}, {"key1": "value1"}]}}
@@ -75,10 +77,11 @@ async def test_a_gzip_bomb_is_refused_with_413_after_max_body_bytes_and_nothing_
     ("body", "problem"),
     [
         (orjson.dumps(JOB), "incorrect header check"),  # sent plain, said to be gzipped
-        (gzip.compress(orjson.dumps(JOB))[:-12], "does not end where it should"),  # cut short
-        (gzip.compress(orjson.dumps(JOB)) + b"trailing", "does not end where it should"),
+        (gzip.compress(orjson.dumps(JOB))[:-12], "it ends part-way through"),  # cut short
+        (gzip.compress(orjson.dumps(JOB)) + b"trailing", "incorrect header check"),
+        (b"", "it ends part-way through"),
     ],
-    ids=["not-gzip", "truncated", "trailing-bytes"],
+    ids=["not-gzip", "truncated", "trailing-bytes", "empty"],
 )
 async def test_a_body_that_is_not_valid_gzip_is_400_saying_so(
     client: httpx.AsyncClient, database: FreshDatabase, body: bytes, problem: str
@@ -89,6 +92,34 @@ async def test_a_body_that_is_not_valid_gzip_is_400_saying_so(
     assert detail.startswith("The body is not valid gzip data")
     assert problem in detail
     assert database.count_jobs() == 0
+
+
+async def test_a_gzip_body_of_several_members_is_read_whole(client: httpx.AsyncClient) -> None:
+    # As pigz, bgzip or `cat a.gz b.gz` make them: members one after another (RFC 1952).
+    body = orjson.dumps(JOB)
+    members = b"".join(gzip.compress(part) for part in (body[:10], body[10:40], body[40:]))
+    response = await submit(client, members, **{"content-encoding": "gzip"})
+    assert response.status_code == 202, response.text
+    assert await result_once_finished(client, response.json()["job_id"]) == RESULT
+
+
+async def test_a_body_gets_only_what_is_left_of_the_requests_time() -> None:
+    """The deadline the HTTP protocol puts in the scope wins over a fresh BODY_TIMEOUT."""
+    loop = asyncio.get_running_loop()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "headers": [],
+        "extensions": {ARRIVAL_DEADLINE: {"at": loop.time() + 0.05}},
+    }
+
+    async def never() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    with pytest.raises(HTTPException) as refused:
+        await asyncio.wait_for(_read_body(Request(scope, never), 1000, 30, gzipped=False), 5)
+    assert refused.value.status_code == 408
 
 
 @pytest.mark.parametrize("encoding", ["br", "deflate", "zstd", "gzip, gzip"])

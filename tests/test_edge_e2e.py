@@ -270,3 +270,66 @@ def test_head_answers_wherever_get_does_with_the_same_headers_and_no_body(
         refused = client.head("/expand_reduce_flow/")
         assert refused.status_code == 405
         assert refused.headers["allow"] == "POST"
+
+
+def test_a_refusal_pipelined_behind_a_good_request_comes_after_its_answer(
+    edge_server: Server,
+) -> None:
+    good = request_head()
+    refused = request_head(*[b"X-%d: 1" % n for n in range(MAX_HEADERS + 5)])
+    with connect(edge_server) as sock:
+        sock.sendall(good + refused)  # one write: the server reads both at once
+        answers = read_until_closed(sock)
+    first, _, second = answers.partition(b'{"status":"ok"}')
+    assert status_of(first) == 200
+    assert status_of(second) == 431
+    assert "Traceback" not in edge_server.log()
+
+
+def test_a_refused_pipelined_submission_after_a_long_poll_waits_for_its_answer(
+    edge_server: Server,
+) -> None:
+    job_id = httpx.post(
+        f"{edge_server.base_url}/expand_reduce_flow/",
+        content=JOB,
+        headers={"content-type": "application/json"},
+    ).json()["job_id"]
+    httpx.get(f"{edge_server.base_url}/check_status/{job_id}", params={"wait": 10})
+    # A long-poll on a finished job answers at once; a partial second head behind it then
+    # runs out of time, and its 408 comes after the first answer, never instead of it.
+    with connect(edge_server) as sock:
+        sock.sendall(request_head(path=f"/check_status/{job_id}?wait=1".encode()) + b"GET /he")
+        answers = read_until_closed(sock)
+    first, _, second = answers.partition(b"\r\n\r\n{")
+    assert status_of(first) == 200
+    assert b'"status":"completed"' in answers
+    assert b"408 Request Timeout" in second
+
+
+def test_chunked_trailers_past_64_kib_end_the_connection_and_memory_stays_bounded(
+    edge_server: Server,
+) -> None:
+    pid = edge_server.process.pid
+    rss_before = memory_kib(pid, "VmRSS")
+    head = b"POST /expand_reduce_flow/ HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+    sent = 0
+    with connect(edge_server) as sock:
+        sock.sendall(head + b"Content-Type: application/json\r\n\r\n1\r\n[\r\n0\r\n")
+        for _ in range(1000):  # 100 MB of trailers, if the server takes them
+            try:
+                sock.sendall(b"a:b\r\n" * 20_000)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+        with contextlib.suppress(ConnectionResetError):
+            read_until_closed(sock)
+    assert sent < 1000
+    grew_mib = (memory_kib(pid, "VmHWM") - rss_before) / 1024
+    assert grew_mib < 20, f"peak memory grew {grew_mib:.0f} MiB"
+    assert "chunk sizes and trailers exceed 65536 bytes" in edge_server.log()
+
+
+def test_a_connection_that_never_sends_a_byte_is_closed(edge_server: Server) -> None:
+    with connect(edge_server) as sock:
+        # Nothing sent: closed after uvicorn's keep-alive timeout (5 s), like an idle one.
+        assert sock.recv(65536) == b""
