@@ -18,7 +18,9 @@ likes for a request to arrive. This subclass, served with ``--http app.protocol:
   idle one between requests already is.
 
 A refusal is never sent in the middle of another answer: with requests pipelined, it waits
-until the ones before it have been answered.
+until the ones before it have been answered. (A head's bytes are counted from the read it
+starts in; one that starts in the same read as the end of the request before it can pass the
+limit by what that read held after it: at most one read, 256 KiB.)
 
 Subclassed rather than switched to uvicorn's h11 protocol, which has a size limit on heads
 (though not on their number, and answers 400 rather than 431): h11 parses in Python, and side
