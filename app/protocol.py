@@ -130,10 +130,10 @@ class HttpProtocol(HttpToolsProtocol):
         if len(self.headers) > MAX_HEADERS:
             self._refuse(431, f"The request has more than {MAX_HEADERS} headers")
             return
-        # The body's share of the request's time: what is left of it.
-        deadline = self._deadline
-        arrive_by = deadline.when() if deadline else self.loop.time() + self.arrival_timeout
-        self.scope["extensions"] = {ARRIVAL_DEADLINE: {"at": arrive_by}}
+        # The body's share of the request's time: what is left of it. (A head that came in one
+        # read started no timer; its body gets the whole time, from the route, as good as now.)
+        if self._deadline is not None:
+            self.scope["extensions"] = {ARRIVAL_DEADLINE: {"at": self._deadline.when()}}
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
