@@ -7,8 +7,8 @@ likes for a request to arrive. This subclass, served with ``--http app.protocol:
 
 * **431** once a request's head (request line and headers) passes ``MAX_HEAD_BYTES``, or it
   has more than ``MAX_HEADERS`` headers. The parser is fed at most the head's allowance, so
-  memory stays bounded whatever the client sends. A chunked body whose framing and trailers
-  (headers after the body) pass ``MAX_HEAD_BYTES`` ends the connection.
+  memory stays bounded whatever the client sends. A chunk of a chunked body whose size line,
+  or the trailers (headers after the body), pass ``MAX_HEAD_BYTES`` end the connection.
 * **408** for a head that has not arrived ``BODY_TIMEOUT_SECONDS`` after its first byte.
   What is left of that time is the route's to read the body in (``ARRIVAL_DEADLINE`` in the
   scope's extensions; the submission route answers ``408`` past it); the protocol makes sure
@@ -60,7 +60,7 @@ class HttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._reading_head = True  # waiting for, or reading, a request's head
         self._head_bytes = 0  # received while reading the current head; 0 once it is in
-        self._framing = 0  # received in a body that was not body: chunk sizes, trailers
+        self._framing = 0  # received in this chunk that was not body: its size line, trailers
         self._open = False  # a request has begun and not yet arrived whole
         self._deadline: asyncio.TimerHandle | None = None
         self._refused = False
@@ -141,6 +141,14 @@ class HttpProtocol(HttpToolsProtocol):
         self._framing -= len(body)
         if not self._refused:
             super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        """A chunk is in (the last one with its trailers): the next one's framing counts anew.
+
+        So the limit is on one chunk's size line and the trailers, never on a body's total of
+        them: a large body in small chunks has a lot of framing, all of it legitimate.
+        """
+        self._framing = 0
 
     def on_message_complete(self) -> None:
         """The request arrived whole: its deadline is met, and the next head may begin."""

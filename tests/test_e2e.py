@@ -142,3 +142,22 @@ def test_swagger_ui_renders_the_three_operations_in_a_real_browser(
     rendered = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom))
     assert rendered >= {"/expand_reduce_flow/", "/check_status/{job_id}", "/job_result/{job_id}"}
     assert "does not specify a valid version field" not in dom
+
+
+def test_a_large_chunked_submission_in_small_chunks_is_accepted(server: Server) -> None:
+    """Chunked framing is limited per chunk (against trailer floods), never over a body."""
+    items = [{"k": "v" * 50, "n": str(n)} for n in range(20_000)]
+    body = orjson.dumps({"job": {"input_data": items}})
+
+    def small_chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 100):  # 14,000 chunks: over 64 KiB of size lines
+            yield body[start : start + 100]
+
+    response = httpx.post(
+        f"{server.base_url}/expand_reduce_flow/",
+        content=small_chunks(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+    assert wait_for_final(server, response.json()["job_id"])["status"] == "completed"
