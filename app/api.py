@@ -435,11 +435,9 @@ async def _read_body(request: Request, limit: int, within: float, *, gzipped: bo
                 if len(body) > limit:
                     _too_large(limit, decompressed=inflated is not None)
     except TimeoutError:
-        raise HTTPException(
-            408,
-            f"The request body did not arrive within {within:g} s",
-            headers={"Connection": "close"},
-        ) from None
+        # Not Connection: close, which would have uvicorn close at once, resetting a client
+        # still sending; the HTTP protocol ends the connection once the answer is out.
+        raise HTTPException(408, f"The request body did not arrive within {within:g} s") from None
     except ClientDisconnect:
         # Nobody is left to answer; 499 (nginx's "client closed request") is for the access
         # log and the metrics, so a client's timeout does not count as our error.

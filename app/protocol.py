@@ -65,6 +65,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._refused = False
         self._owed: tuple[int, str] | None = None  # a refusal waiting for earlier answers
+        self._close_after_answer = False  # out of time while the app had the request
 
     @classmethod
     def configure(cls, arrival_timeout: float, on_refused: Callable[[int], None] | None) -> None:
@@ -161,12 +162,18 @@ class HttpProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        """An answer went out; if it was the last one owed, send a refusal kept waiting."""
+        """An answer went out: send a refusal kept waiting for it, or end the connection.
+
+        The refusal, if this was the last answer owed before it; the end, if this request ran
+        out of time while the app had it.
+        """
         super().on_response_complete()
         if self._owed is not None and not self.pipeline and self._answered_all():
             status, message = self._owed
             self._owed = None
             self._send_refusal(status, message)
+        elif self._close_after_answer and not self.transport.is_closing():
+            self._linger_then_close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Drop the deadline with the connection."""
@@ -190,13 +197,13 @@ class HttpProtocol(HttpToolsProtocol):
                 408, f"The request's headers did not arrive within {self.arrival_timeout:g} s"
             )
         elif cycle is not None and cycle.response_complete:
-            # Answered without its body being read (a route that takes none, an early 413):
-            # the rest of it is not worth waiting for.
-            self.transport.close()
+            # Answered (a route that takes no body, an early 413, the route's own 408) while
+            # the body is still coming: the rest of it is not worth waiting for.
+            self._linger_then_close()
         elif cycle is not None:
             # The app has the request; the route reading the body answers 408. Either way
             # this connection serves no further request.
-            cycle.keep_alive = False
+            self._close_after_answer = True
 
     def _drop(self, reason: str) -> None:
         """End the connection without an answer: its request was answered, or is being.
@@ -244,6 +251,15 @@ class HttpProtocol(HttpToolsProtocol):
             ]
         )
         self.transport.write(b"".join(content))
+        self._linger_then_close()
+
+    def _linger_then_close(self) -> None:
+        """Close after what was written, reading and dropping what the client still sends.
+
+        Closed at once, a socket with unread data resets the connection, and the client may
+        never read the answer it was sent (nginx's "lingering close").
+        """
+        self._refused = True  # from now on, input is dropped
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, self.transport.close)

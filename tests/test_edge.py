@@ -227,7 +227,6 @@ async def test_a_body_that_does_not_arrive_in_time_is_408_and_nothing_is_stored(
         response = await client.post("/expand_reduce_flow/", content=stalls(), headers=JSON)
     assert response.status_code == 408
     assert response.json()["detail"] == "The request body did not arrive within 0.2 s"
-    assert response.headers["connection"] == "close"
     assert database.count_jobs() == 0
 
 
