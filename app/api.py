@@ -422,7 +422,7 @@ async def _read_body(request: Request, limit: int, within: float, *, gzipped: bo
         _too_large(limit)
     arrive_by = request.scope.get("extensions", {}).get(ARRIVAL_DEADLINE, {}).get("at")
     deadline = asyncio.get_running_loop().time() + within if arrive_by is None else arrive_by
-    inflated = _Inflated(limit) if gzipped else None
+    inflated = _Inflated() if gzipped else None
     body = bytearray()  # grown in place: no list of chunks alive beside their join
     received = 0
     try:
@@ -452,9 +452,8 @@ async def _read_body(request: Request, limit: int, within: float, *, gzipped: bo
 class _Inflated:
     """Inflates a gzip body as it arrives: one member or several in a row (RFC 1952)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self) -> None:
         self._member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        self._limit = limit
         self.complete = False  # the data so far ends where a member ends
 
     def of(self, chunk: bytes, room: int) -> bytes:
@@ -463,10 +462,7 @@ class _Inflated:
         while chunk:
             out += self._member.decompress(chunk, max(room - len(out), 0) + 1)
             if len(out) > room:
-                break  # over the limit: the caller refuses the body
-            if self._member.unconsumed_tail:
-                chunk = self._member.unconsumed_tail
-                continue
+                break  # over the limit (input may be left over): the caller refuses the body
             chunk = b""
             if self._member.eof:
                 chunk = self._member.unused_data
