@@ -77,6 +77,7 @@ GZIP_ENCODINGS = frozenset({"gzip", "x-gzip"})
 # saves little on the wire and costs a thread hand-off. Level 1 (nginx's default) halves JSON
 # for about 15 ms a megabyte; higher levels took two to three times as long for a tenth less.
 GZIP_MIN_BYTES = 64 * 1024
+GZIP_MAX_MEMBERS = 1_000  # in one submission (pigz and bgzip make one per 64 KiB-128 KiB)
 GZIP_LEVEL = 1
 
 
@@ -450,10 +451,15 @@ async def _read_body(request: Request, limit: int, within: float, *, gzipped: bo
 
 
 class _Inflated:
-    """Inflates a gzip body as it arrives: one member or several in a row (RFC 1952)."""
+    """Inflates a gzip body as it arrives: one member or several in a row (RFC 1952).
+
+    At most ``GZIP_MAX_MEMBERS``: each costs a few microseconds on the event loop, and a body
+    of nothing but empty members would otherwise keep it busy for seconds.
+    """
 
     def __init__(self) -> None:
         self._member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._members = 1
         self.complete = False  # the data so far ends where a member ends
 
     def of(self, chunk: bytes, room: int) -> bytes:
@@ -468,6 +474,9 @@ class _Inflated:
                 chunk = self._member.unused_data
                 self._member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
                 self.complete = not chunk
+                self._members += bool(chunk)
+                if self._members > GZIP_MAX_MEMBERS:
+                    raise zlib.error(f"more than {GZIP_MAX_MEMBERS} gzip members")
             else:
                 self.complete = False
         return bytes(out)

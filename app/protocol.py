@@ -107,10 +107,21 @@ class HttpProtocol(HttpToolsProtocol):
         if not self._reading_head and self._framing > MAX_HEAD_BYTES:
             self._drop(f"the request's chunk sizes and trailers exceed {MAX_HEAD_BYTES} bytes")
             return
-        # Part of a head, or a head and part of its body: the request has a deadline. Most
-        # requests arrive whole in one read and never pay for a timer.
-        if self._open and self._deadline is None:
-            self._deadline = self.loop.call_later(self.arrival_timeout, self._too_slow)
+        self._arm_timers()
+
+    def _arm_timers(self) -> None:
+        """A request begun has a deadline; a connection with none is idle, and timed as such."""
+        # Part of a head, or a head and part of its body. Most requests arrive whole in one
+        # read and never pay for a timer.
+        if self._open:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(self.arrival_timeout, self._too_slow)
+        elif self.timeout_keep_alive_task is None and not self.pipeline and self._answered_all():
+            # Bytes that began no request (blank lines between requests): uvicorn stopped the
+            # idle timer on them all the same. Idle the connection still is.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def on_message_begin(self) -> None:
         """A request begins."""
@@ -136,6 +147,11 @@ class HttpProtocol(HttpToolsProtocol):
         if self._deadline is not None:
             self.scope["extensions"] = {ARRIVAL_DEADLINE: {"at": self._deadline.when()}}
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and not cycle.keep_alive:
+            # The client asked to close after the answer (or speaks HTTP/1.0): uvicorn will
+            # close at once, resetting a client still sending its body. Close gently instead.
+            cycle.transport = _GentleClose(self)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         """Pass body bytes on, unless the request was refused (no app is reading them)."""
@@ -253,6 +269,13 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(content))
         self._linger_then_close()
 
+    def close_gently(self) -> None:
+        """Close now, or, if the request is still arriving, after a linger."""
+        if self._open and not self._refused:
+            self._linger_then_close()
+        elif not self._refused:
+            self.transport.close()
+
     def _linger_then_close(self) -> None:
         """Close after what was written, reading and dropping what the client still sends.
 
@@ -265,3 +288,22 @@ class HttpProtocol(HttpToolsProtocol):
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
         else:
             self.transport.close()
+
+
+class _GentleClose:
+    """A connection's transport, as one request's answer sees it: closing it lingers.
+
+    Only for requests that asked to close, so the answers of the others go straight to the
+    transport.
+    """
+
+    def __init__(self, protocol: HttpProtocol) -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
+
+    def close(self) -> None:
+        """Close, without resetting a client still sending."""
+        self._protocol.close_gently()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

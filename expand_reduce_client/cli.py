@@ -151,6 +151,8 @@ def read_items(source: str) -> list[dict[str, Any]]:
             whole = json.loads(text)
         except json.JSONDecodeError:
             items = _json_lines(text, name)
+        except ValueError as error:  # valid JSON this Python will not read (huge numbers)
+            _fail(f"{name}: {error}", EXIT_USAGE)
         else:
             items = _items_of(whole, name)
     except RecursionError:
@@ -185,6 +187,8 @@ def _json_lines(text: str, name: str) -> list[dict[str, Any]]:
             item = json.loads(line)
         except json.JSONDecodeError as error:
             _fail(f"{name}, line {number}: not JSON ({error.msg})", EXIT_USAGE)
+        except ValueError as error:
+            _fail(f"{name}, line {number}: {error}", EXIT_USAGE)
         if not isinstance(item, dict):
             _fail(f"{name}, line {number}: not a JSON object", EXIT_USAGE)
         items.append(item)

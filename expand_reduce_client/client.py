@@ -16,6 +16,7 @@ second job.)
 
 import asyncio
 import json
+import math
 import re
 import time
 import uuid
@@ -211,6 +212,11 @@ def _read(parse: Callable[[httpx.Response], T], response: httpx.Response) -> T:
         ) from None
 
 
+def _deleted(response: httpx.Response) -> None:
+    if response.status_code != 204:
+        raise ValueError(f"{response.status_code} where a deletion answers 204 No Content")
+
+
 def _job(response: httpx.Response) -> Job:
     return Job.from_json(response.json())
 
@@ -251,6 +257,14 @@ class _Api:
         self.url = (url or DEFAULT_URL).rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise UsageError(f"the URL {self.url!r} must start with http:// or https://")
+        try:
+            if not httpx.URL(self.url).host:
+                raise httpx.InvalidURL("no host")
+        except httpx.InvalidURL as error:
+            raise UsageError(f"the URL {self.url!r} is not valid: {error}") from None
+        for name, seconds in (("retry_deadline", retry_deadline), ("timeout", timeout)):
+            if not math.isfinite(seconds) or seconds < 0:
+                raise UsageError(f"{name} must be a number of seconds, not {seconds}")
         if api_key is not None and not API_KEY.fullmatch(api_key):
             raise UsageError("an API key is printable ASCII without spaces")
         self.retry_deadline = retry_deadline
@@ -269,13 +283,14 @@ class _Api:
         left = self.retry_deadline - (time.monotonic() - started)
         return max(min(self.timeout, left), 0.5)
 
-    def _gave_up(self, error: _Retryable) -> Unavailable:
+    def _gave_up(self, error: _Retryable, started: float) -> Unavailable:
         if error.retry_after is not None and error.retry_after > self.retry_deadline:
             return Unavailable(
                 f"{error}; it asked to be asked again in {error.retry_after:g} s, past the "
                 f"{self.retry_deadline:g} s retry deadline"
             )
-        return Unavailable(f"{error} (gave up after {self.retry_deadline:g} s)")
+        # Usually the deadline; more when a long-poll (its wait and 10 s) went past it.
+        return Unavailable(f"{error} (gave up after {time.monotonic() - started:.0f} s)")
 
     @staticmethod
     def _key(idempotency_key: str | None) -> str:
@@ -427,7 +442,7 @@ class Client(_Api):
         try:
             return Retrying(**_retry_policy(self.retry_deadline))(attempt)
         except _Retryable as error:
-            raise self._gave_up(error) from error
+            raise self._gave_up(error, started) from error
 
     @overload
     def submit(
@@ -510,7 +525,7 @@ class Client(_Api):
 
     def delete(self, job_id: str) -> None:
         """Delete a finished job: its row, input and result."""
-        self._send(_Call("DELETE", _job_path(job_id, "/jobs/{job_id}")))
+        _read(_deleted, self._send(_Call("DELETE", _job_path(job_id, "/jobs/{job_id}"))))
 
     def run(self, items: Iterable[Mapping[str, Any]], timeout: float | None = None) -> Objects:
         """Submit, wait, return the result; ``JobFailed`` with the service's error if it failed."""
@@ -585,7 +600,7 @@ class AsyncClient(_Api):
         try:
             return await AsyncRetrying(**_retry_policy(self.retry_deadline))(attempt)
         except _Retryable as error:
-            raise self._gave_up(error) from error
+            raise self._gave_up(error, started) from error
 
     @overload
     async def submit(
@@ -665,7 +680,7 @@ class AsyncClient(_Api):
 
     async def delete(self, job_id: str) -> None:
         """Delete a finished job: its row, input and result."""
-        await self._send(_Call("DELETE", _job_path(job_id, "/jobs/{job_id}")))
+        _read(_deleted, await self._send(_Call("DELETE", _job_path(job_id, "/jobs/{job_id}"))))
 
     async def run(
         self, items: Iterable[Mapping[str, Any]], timeout: float | None = None

@@ -474,9 +474,10 @@ def test_a_server_that_hangs_or_trickles_is_given_up_on_at_the_retry_deadline(
     assert "Traceback" not in run.stderr
 
 
-def test_an_answer_that_is_not_the_services_exits_3_saying_so() -> None:
+@pytest.mark.parametrize("command", ["status", "delete"])
+def test_an_answer_that_is_not_the_services_exits_3_saying_so(command: str) -> None:
     with raw_server(garbage) as url:
-        run = cli("status", str(uuid.uuid4()), url=url)
+        run = cli(command, str(uuid.uuid4()), url=url)
     assert run.returncode == 3
     assert "is not this service's" in run.stderr
     assert "Traceback" not in run.stderr
@@ -504,8 +505,22 @@ def test_an_unwritable_output_is_refused_before_the_job_is_sent(live: Server) ->
         (["submit", "-", "--api-key", "kü"], b"[{}]", "API key is printable ASCII"),
         (["submit", "-", "--idempotency-key", "ключ"], b"[{}]", "Idempotency-Key is 1 to 255"),
         (["status", str(uuid.UUID(int=1)), "--url", "localhost:8080"], b"", "must start with"),
+        (["status", str(uuid.UUID(int=1)), "--url", "http://[::1"], b"", "is not valid"),
+        (["status", str(uuid.UUID(int=1)), "--retry-deadline", "nan"], b"", "must be a number"),
+        (["submit", "-"], b'[{"a": ' + b"1" * 5000 + b"}]", "Exceeds the limit"),
     ],
-    ids=["id-not-uuid", "lone-surrogate", "not-utf8", "deep", "api-key", "key", "no-scheme"],
+    ids=[
+        "id-not-uuid",
+        "lone-surrogate",
+        "not-utf8",
+        "deep",
+        "api-key",
+        "key",
+        "no-scheme",
+        "bad-url",
+        "nan-deadline",
+        "huge-number",
+    ],
 )
 def test_what_the_client_cannot_send_exits_at_once_saying_why(
     live: Server, args: list[str], stdin: bytes, problem: str

@@ -103,6 +103,16 @@ async def test_a_gzip_body_of_several_members_is_read_whole(client: httpx.AsyncC
     assert await result_once_finished(client, response.json()["job_id"]) == RESULT
 
 
+async def test_a_gzip_body_of_too_many_members_is_400(
+    client: httpx.AsyncClient, database: FreshDatabase
+) -> None:
+    empty = gzip.compress(b"")
+    response = await submit(client, empty * 1_001, **{"content-encoding": "gzip"})
+    assert response.status_code == 400
+    assert "more than 1000 gzip members" in response.json()["detail"]
+    assert database.count_jobs() == 0
+
+
 async def test_a_body_gets_only_what_is_left_of_the_requests_time() -> None:
     """The deadline the HTTP protocol puts in the scope wins over a fresh BODY_TIMEOUT."""
     loop = asyncio.get_running_loop()

@@ -333,3 +333,26 @@ def test_a_connection_that_never_sends_a_byte_is_closed(edge_server: Server) -> 
     with connect(edge_server) as sock:
         # Nothing sent: closed after uvicorn's keep-alive timeout (5 s), like an idle one.
         assert sock.recv(65536) == b""
+
+
+def test_blank_lines_alone_do_not_hold_a_connection_open(edge_server: Server) -> None:
+    with connect(edge_server) as sock:
+        sock.sendall(b"\r\n")  # begins no request, yet stopped uvicorn's idle timer
+        assert sock.recv(65536) == b""  # closed after the keep-alive timeout, like silence
+
+
+def test_a_client_that_asked_to_close_can_send_on_and_then_read_an_early_413(
+    edge_server: Server,
+) -> None:
+    head = (
+        b"POST /expand_reduce_flow/ HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n"
+    )
+    with connect(edge_server) as sock:
+        sock.sendall(head)
+        # 8 MiB more of the body, as urllib and many clients send it: all of it, and only then
+        # read the answer. Reset while sending, they raise and never read it.
+        sock.sendall(b"x" * 8 * 1024 * 1024)
+        answer = read_until_closed(sock)
+    assert status_of(answer) == 413
+    assert json_body(answer) == {"detail": "Request body exceeds 16777216 bytes"}
