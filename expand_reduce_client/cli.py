@@ -195,8 +195,8 @@ def _json_lines(text: str, name: str) -> list[dict[str, Any]]:
     return items
 
 
-def _refuse_if_too_large(client: Client, items: list[dict[str, Any]], name: str) -> None:
-    """Say so before sending a job the service would refuse for its size."""
+def _encoded_within_limits(client: Client, items: list[dict[str, Any]], name: str) -> bytes:
+    """The job's body, once; or say so before sending a job the service would refuse."""
     limits = client.limits()
     if limits.max_items is not None and len(items) > limits.max_items:
         _fail(
@@ -204,15 +204,14 @@ def _refuse_if_too_large(client: Client, items: list[dict[str, Any]], name: str)
             "in one job (MAX_ITEMS): split it",
             EXIT_USAGE,
         )
-    if limits.max_body_bytes is not None:
-        size = len(encode_job(items))
-
-        if size > limits.max_body_bytes:
-            _fail(
-                f"{name} makes a request of {size:,} bytes; the service takes at most "
-                f"{limits.max_body_bytes:,} (MAX_BODY_BYTES): split it",
-                EXIT_USAGE,
-            )
+    body = encode_job(items)
+    if limits.max_body_bytes is not None and len(body) > limits.max_body_bytes:
+        _fail(
+            f"{name} makes a request of {len(body):,} bytes; the service takes at most "
+            f"{limits.max_body_bytes:,} (MAX_BODY_BYTES): split it",
+            EXIT_USAGE,
+        )
+    return body
 
 
 # Writing output.
@@ -373,8 +372,8 @@ def submit(
         _fail("-o/--output needs --wait", EXIT_USAGE)
     _check_writable(output)  # before the job is sent: its result must have somewhere to go
     items = read_items(source)
-    _refuse_if_too_large(client, items, "stdin" if source == "-" else source)
-    submission = client.submit(items, idempotency_key=idempotency_key)
+    body = _encoded_within_limits(client, items, "stdin" if source == "-" else source)
+    submission = client.submit_encoded(body, idempotency_key=idempotency_key)
     if not wait:
         if as_json:
             _print_json({"job_id": submission.job_id, "replayed": submission.replayed})

@@ -473,10 +473,13 @@ class Client(_Api):
         timeout: float | None = None,
     ) -> Submission | Job:
         """Submit a job of these objects; with ``wait=True``, wait and return its final status."""
-        body = encode_job(items)
-        submitted = self._send(self._submit(body, self._key(idempotency_key)))
-        submission = _read(self._submitted, submitted)
+        submission = self.submit_encoded(encode_job(items), idempotency_key=idempotency_key)
         return self.wait(submission.job_id, timeout=timeout) if wait else submission
+
+    def submit_encoded(self, body: bytes, *, idempotency_key: str | None = None) -> Submission:
+        """Submit a body already made by ``encode_job`` (the CLI measures it first)."""
+        submitted = self._send(self._submit(body, self._key(idempotency_key)))
+        return _read(self._submitted, submitted)
 
     def status(self, job_id: str, *, wait: float = 0) -> Job:
         """The job's status; with ``wait``, up to that many seconds for it to finish first."""
@@ -632,9 +635,15 @@ class AsyncClient(_Api):
     ) -> Submission | Job:
         """Submit a job of these objects; with ``wait=True``, wait and return its final status."""
         body = encode_job(items)
-        submitted = await self._send(self._submit(body, self._key(idempotency_key)))
-        submission = _read(self._submitted, submitted)
+        submission = await self.submit_encoded(body, idempotency_key=idempotency_key)
         return await self.wait(submission.job_id, timeout=timeout) if wait else submission
+
+    async def submit_encoded(
+        self, body: bytes, *, idempotency_key: str | None = None
+    ) -> Submission:
+        """Submit a body already made by ``encode_job``."""
+        submitted = await self._send(self._submit(body, self._key(idempotency_key)))
+        return _read(self._submitted, submitted)
 
     async def status(self, job_id: str, *, wait: float = 0) -> Job:
         """The job's status; with ``wait``, up to that many seconds for it to finish first."""
