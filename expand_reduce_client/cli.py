@@ -344,15 +344,20 @@ def _wait(client: Client, job_id: str) -> Job:
 # The commands.
 
 
+def _output_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``-o FILE``: where a result is written (checked writable before anything is sent)."""
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Path(dir_okay=False, writable=True, path_type=Path),
+        help=help_text,
+    )
+
+
 @main.command()
 @click.argument("source", metavar="FILE|-")
 @click.option("--wait", is_flag=True, help="Wait for the job, then write its result.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="With --wait: write the result here rather than to stdout.",
-)
+@_output_option("With --wait: write the result here rather than to stdout.")
 @click.option("--idempotency-key", help="Your own key (a retry with it answers the same job).")
 @_client_options
 def submit(
@@ -403,12 +408,7 @@ def status(client: Client, job_id: str, wait: bool, as_json: bool) -> None:
 @main.command()
 @click.argument("job_id")
 @click.option("--wait", is_flag=True, help="Wait for the job if it is still processing.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Write the result here rather than to stdout.",
-)
+@_output_option("Write the result here rather than to stdout.")
 @_client_options
 def result(client: Client, job_id: str, wait: bool, output: Path | None, as_json: bool) -> None:
     """Write a finished job's result; exit 1 with its error if it failed, 5 if still processing."""

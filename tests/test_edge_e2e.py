@@ -17,10 +17,11 @@ import orjson
 import pytest
 
 from app.protocol import MAX_HEAD_BYTES, MAX_HEADERS
-from tests.support import Server, count_jobs, start_server, stop_server
+from tests.support import Server, count_jobs, start_server, stop_server, submit_all
 
 BODY_TIMEOUT = 1.0
-JOB = b'{"job": {"input_data": [{"a": "x", "b": "y", "c": "z"}]}}'
+ITEMS = [{"a": "x", "b": "y", "c": "z"}]
+JOB = orjson.dumps({"job": {"input_data": ITEMS}})
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def test_a_body_trickling_in_past_body_timeout_gets_408_and_the_connection_is_dr
     )
     with connect(edge_server) as sock:
         sock.sendall(head)
-        sent = trickle(sock, JOB)  # the whole body would take 11 s
+        sent = trickle(sock, JOB)  # the whole body would take about 10 s
         answer = read_until_closed(sock)
     assert sent < len(JOB), "the body arrived before the server gave up on it"
     assert status_of(answer) == 408
@@ -238,11 +239,7 @@ def test_an_idle_keep_alive_connection_is_closed_by_the_server(edge_server: Serv
 def test_head_answers_wherever_get_does_with_the_same_headers_and_no_body(
     edge_server: Server,
 ) -> None:
-    job_id = httpx.post(
-        f"{edge_server.base_url}/expand_reduce_flow/",
-        content=JOB,
-        headers={"content-type": "application/json"},
-    ).json()["job_id"]
+    [job_id] = submit_all(edge_server, [ITEMS])
     paths = [
         "/",
         "/docs",
@@ -289,11 +286,7 @@ def test_a_refusal_pipelined_behind_a_good_request_comes_after_its_answer(
 def test_a_refused_pipelined_submission_after_a_long_poll_waits_for_its_answer(
     edge_server: Server,
 ) -> None:
-    job_id = httpx.post(
-        f"{edge_server.base_url}/expand_reduce_flow/",
-        content=JOB,
-        headers={"content-type": "application/json"},
-    ).json()["job_id"]
+    [job_id] = submit_all(edge_server, [ITEMS])
     httpx.get(f"{edge_server.base_url}/check_status/{job_id}", params={"wait": 10})
     # A long-poll on a finished job answers at once; a partial second head behind it then
     # runs out of time, and its 408 comes after the first answer, never instead of it.
