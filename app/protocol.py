@@ -76,9 +76,7 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Give a new connection as long to send its first byte as an idle one gets."""
         super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
+        self._start_idle_timer()
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser, never more of a head than its allowance; arm the deadline.
@@ -119,9 +117,13 @@ class HttpProtocol(HttpToolsProtocol):
         elif self.timeout_keep_alive_task is None and not self.pipeline and self._answered_all():
             # Bytes that began no request (blank lines between requests): uvicorn stopped the
             # idle timer on them all the same. Idle the connection still is.
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+            self._start_idle_timer()
+
+    def _start_idle_timer(self) -> None:
+        """Start the keep-alive timer, as uvicorn does after an answer."""
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def on_message_begin(self) -> None:
         """A request begins."""
@@ -171,9 +173,7 @@ class HttpProtocol(HttpToolsProtocol):
         """The request arrived whole: its deadline is met, and the next head may begin."""
         self._reading_head = True
         self._open = False
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._cancel_deadline()
         if not self._refused:
             super().on_message_complete()
 
@@ -193,10 +193,16 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Drop the deadline with the connection."""
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        super().connection_lost(exc)
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
 
     def _answered_all(self) -> bool:
         """Whether every request before this point has had its answer sent."""
@@ -229,8 +235,7 @@ class HttpProtocol(HttpToolsProtocol):
         client disconnect.
         """
         self._refused = True
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-        logger.warning("closed the connection from %s: %s", client, reason)
+        logger.warning("closed the connection from %s: %s", self._peer(), reason)
         self.transport.close()
 
     def _refuse(self, status: int, message: str) -> None:
@@ -240,8 +245,7 @@ class HttpProtocol(HttpToolsProtocol):
         after the last of them.
         """
         self._refused = True
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-        logger.warning("refused a request from %s with %d: %s", client, status, message)
+        logger.warning("refused a request from %s with %d: %s", self._peer(), status, message)
         count = type(self).on_refused  # a plain function: not bound to this connection
         if count is not None:
             count(status)
